@@ -1,11 +1,14 @@
-"""Shared test setup: 4 simulated CPU devices, the persistent compilation cache, torch threads."""
+"""Shared test setup: 4 simulated CPU devices and the persistent compilation cache."""
 
 import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # train.py and sample.py are importable by the tests
 
 # Must happen before JAX initialises its backends: tests of data parallelism need several devices.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402

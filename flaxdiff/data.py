@@ -1,0 +1,345 @@
+"""Image datasets for training: Hugging Face `datasets` in, one uint8 array (N, R, R, C) out.
+
+`--dataset` is one of: `shapes` (generated here, offline), `smithsonian_butterflies` (the course's
+dataset, `huggan/smithsonian_butterflies_subset`), any Hub dataset id, or a local image folder
+(`load_dataset("imagefolder", data_dir=...)`). Every image is decoded once, converted to RGB (or L
+for 1-channel models; palette, RGBA, CMYK and 16-bit images are converted, not refused), resized
+so its shorter side is `resolution` (bilinear, as torchvision's Resize) and cropped to a square
+(centre, or a random offset fixed per image by the seed). Random flips and batching happen later,
+on the device, so they cost nothing here.
+
+Data order is a pure function of (seed, epoch): `epoch_permutation`. A global batch is a slice of
+it; each process takes only its own part of every global batch (`process_slice`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+DATASET_ALIASES = {"smithsonian_butterflies": "huggan/smithsonian_butterflies_subset"}
+BUILTIN = "shapes"
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class DataError(ValueError):
+    """A dataset problem the user can fix; the message says what and how."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    dataset: str = BUILTIN
+    resolution: int = 32
+    channels: int = 3
+    center_crop: bool = False
+    dataset_config_name: str | None = None
+    split: str = "train"
+    image_column: str | None = None
+    cache_dir: str | None = None
+    max_train_samples: int | None = None
+    num_shapes: int = 4096  # size of the built-in dataset
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- the built-in dataset
+SHAPE_KINDS = ("circle", "square", "triangle", "diamond", "cross", "ring")
+
+
+def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A background and a shape colour whose luminances differ clearly."""
+    while True:
+        background = rng.integers(0, 256, 3)
+        shape = rng.integers(0, 256, 3)
+        lum = lambda c: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]  # noqa: E731
+        if abs(lum(background) - lum(shape)) > 90:
+            return tuple(int(v) for v in background), tuple(int(v) for v in shape)
+
+
+def draw_shape(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
+    """One coloured shape on a plain or two-tone background, drawn at 4x and downsampled."""
+    big = size * 4
+    background, colour = _contrasting_colours(rng)
+    image = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(image)
+    if rng.random() < 0.5:  # a second, close background tone in one half: varied backgrounds
+        shade = tuple(int(np.clip(c + rng.integers(-40, 41), 0, 255)) for c in background)
+        if rng.random() < 0.5:
+            draw.rectangle([0, 0, big, big // 2], fill=shade)
+        else:
+            draw.rectangle([0, 0, big // 2, big], fill=shade)
+    radius = big * rng.uniform(0.22, 0.36)
+    cx, cy = (big / 2 + rng.uniform(-1, 1) * (big / 2 - radius - 2) for _ in range(2))
+    box = [cx - radius, cy - radius, cx + radius, cy + radius]
+    if kind == "circle":
+        draw.ellipse(box, fill=colour)
+    elif kind == "square":
+        draw.rectangle(box, fill=colour)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius * 0.8), (cx + radius, cy + radius * 0.8)],
+                     fill=colour)
+    elif kind == "diamond":
+        draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=colour)
+    elif kind == "cross":
+        arm = radius * 0.38
+        draw.rectangle([cx - radius, cy - arm, cx + radius, cy + arm], fill=colour)
+        draw.rectangle([cx - arm, cy - radius, cx + arm, cy + radius], fill=colour)
+    else:  # ring
+        draw.ellipse(box, fill=colour)
+        inner = radius * 0.5
+        draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=background)
+    return image.resize((size, size), Image.LANCZOS)
+
+
+def make_shapes(num_images: int, size: int = 32, seed: int = 0):
+    """The built-in dataset as a Hugging Face `datasets.Dataset` with `image` and `label` columns.
+
+    Deterministic: the same (num_images, size, seed) gives the same pixels.
+    """
+    import datasets
+
+    rng = np.random.default_rng([seed, 20251125])
+    labels = rng.integers(0, len(SHAPE_KINDS), num_images)
+    images = [draw_shape(SHAPE_KINDS[label], rng, size) for label in labels]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=list(SHAPE_KINDS))})
+    return datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
+
+
+# --------------------------------------------------------------------------- decoding
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """RGB (or L) from any PIL mode: 16-bit and float images are rescaled, palettes expanded."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if values.max(initial=0) > 255 else 1.0  # 16-bit range -> 8-bit
+        image = Image.fromarray(np.clip(np.round(values / scale), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        values = values * 255 if values.max(initial=0) <= 1.0 else values
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    # like diffusers' image.convert("RGB"): alpha is dropped
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool,
+                    rng: np.random.Generator) -> np.ndarray:
+    """torchvision Resize(resolution, BILINEAR) then CenterCrop / RandomCrop(resolution)."""
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = resolution, int(resolution * height / width)
+    else:
+        new_w, new_h = int(resolution * width / height), resolution
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    if center_crop:
+        top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    else:
+        top, left = int(rng.integers(0, new_h - resolution + 1)), int(rng.integers(0, new_w - resolution + 1))
+    array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def decode(source, name: str) -> Image.Image:
+    """A PIL image from a datasets Image cell (decoded, or {"path", "bytes"}); errors name the file."""
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, dict) and source.get("bytes") is not None:
+            image = Image.open(io.BytesIO(source["bytes"]))
+        elif isinstance(source, dict) and source.get("path"):
+            image = Image.open(source["path"])
+        else:
+            raise OSError("no image data")
+        image.load()
+        return image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {name}: {error}. Remove or replace this file and run again.") from error
+
+
+# --------------------------------------------------------------------------- datasets
+def resolve_dataset_name(name: str | None) -> tuple[str, str]:
+    """(kind, name) with kind 'builtin' | 'folder' | 'hub'; a missing local path is an error."""
+    if name is None or name == BUILTIN:
+        return "builtin", BUILTIN
+    name = DATASET_ALIASES.get(name, name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DataError(f"--dataset {name} is a file; give a folder of images, a Hub dataset id, or '{BUILTIN}'")
+        return "folder", str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise DataError(f"the image folder {name} does not exist")
+    return "hub", name
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def check_folder(folder: str) -> int:
+    files = _image_files(Path(folder))
+    if not files:
+        present = sorted(p.name for p in Path(folder).iterdir())[:10]
+        raise DataError(f"the folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                        f"found: {', '.join(present) if present else 'nothing'}")
+    return len(files)
+
+
+def _hub_error(name: str, error: Exception) -> DataError:
+    import datasets
+
+    if datasets.config.HF_HUB_OFFLINE:
+        why = "the Hugging Face Hub cannot be reached (offline) and the dataset is not in the local cache"
+    else:
+        why = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    folder = f" There is no local folder named {name} either." if "/" in name else ""
+    return DataError(f"cannot load the Hub dataset {name!r}: {why}.{folder} Check the id and your network, or "
+                     f"train on a local folder (--dataset ./my_images) or the built-in dataset "
+                     f"(--dataset {BUILTIN}).")
+
+
+def _offline_if_unreachable() -> None:
+    """Without a route to the Hub, switch datasets to offline mode: a cached copy still loads,
+    anything else fails at once instead of after half a minute of retries."""
+    import socket
+
+    import datasets
+    import huggingface_hub.constants
+
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError:
+        datasets.config.HF_HUB_OFFLINE = True
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def open_dataset(spec: DataSpec):
+    """The Hugging Face dataset named by the spec, images not yet decoded."""
+    import datasets
+
+    kind, name = resolve_dataset_name(spec.dataset)
+    if kind == "builtin":
+        return make_shapes(spec.num_shapes, max(spec.resolution, 8), spec.seed)
+    if kind == "folder":
+        check_folder(name)
+        try:
+            return datasets.load_dataset("imagefolder", data_dir=name, split=spec.split, cache_dir=spec.cache_dir)
+        except (ValueError, FileNotFoundError) as error:
+            raise DataError(f"cannot load the image folder {name}: {error}") from error
+    _offline_if_unreachable()
+    try:
+        return datasets.load_dataset(name, spec.dataset_config_name, split=spec.split, cache_dir=spec.cache_dir)
+    except Exception as error:  # connection, missing repo, gated, offline: one message
+        raise _hub_error(name, error) from error
+
+
+def image_column(dataset, requested: str | None) -> str:
+    import datasets
+
+    columns = list(dataset.features)
+    if requested is not None:
+        if requested not in columns:
+            raise DataError(f"--image_column {requested!r} is not in the dataset; its columns: {', '.join(columns)}")
+        return requested
+    for column in columns:
+        if isinstance(dataset.features[column], datasets.Image):
+            return column
+    raise DataError(f"the dataset has no image column (columns: {', '.join(columns)}); name it with --image_column")
+
+
+def load_images(spec: DataSpec, progress: bool = True) -> np.ndarray:
+    """Decode, convert, resize and crop every image once: uint8 (N, R, R, channels)."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    dataset = open_dataset(spec)
+    column = image_column(dataset, spec.image_column)
+    if spec.max_train_samples is not None:
+        dataset = dataset.select(range(min(spec.max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise DataError(f"the dataset {spec.dataset!r} (split {spec.split!r}) is empty")
+    raw = dataset.cast_column(column, datasets.Image(decode=False))[column]
+    rng = np.random.default_rng([spec.seed, 1])  # the random crop offsets
+    out = np.empty((len(raw), spec.resolution, spec.resolution, spec.channels), np.uint8)
+    for i, cell in enumerate(tqdm(raw, desc="decoding images", disable=not progress, leave=False)):
+        name = cell.get("path") or f"#{i} of {spec.dataset}" if isinstance(cell, dict) else f"#{i}"
+        image = to_mode(decode(cell, name), spec.channels)
+        out[i] = resize_and_crop(image, spec.resolution, spec.center_crop, rng)
+    return out
+
+
+# --------------------------------------------------------------------------- order and batches
+def epoch_permutation(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of an epoch: a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch, 7]).permutation(num_images)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which images form the global batch of each optimizer step.
+
+    A step's batch has shape (accumulation, micro_batch); steps_per_epoch = N // (accumulation *
+    micro_batch) (the last partial batch of an epoch is dropped, so shapes stay static).
+    """
+
+    num_images: int
+    micro_batch: int  # --train_batch_size, global
+    accumulation: int
+    seed: int
+
+    def __post_init__(self):
+        if self.steps_per_epoch < 1:
+            raise DataError(f"the dataset has {self.num_images} images, fewer than one optimizer step needs "
+                            f"(train_batch_size {self.micro_batch} x gradient_accumulation_steps "
+                            f"{self.accumulation}); lower --train_batch_size")
+
+    @property
+    def step_size(self) -> int:
+        return self.micro_batch * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_images // self.step_size
+
+    def indices(self, step: int) -> np.ndarray:
+        """(accumulation, micro_batch) image indices of optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = epoch_permutation(self.num_images, self.seed, epoch)
+        flat = order[within * self.step_size:(within + 1) * self.step_size]
+        return flat.reshape(self.accumulation, self.micro_batch)
+
+
+def process_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous part of the micro-batch axis (the last) of a global batch."""
+    per_process = indices.shape[-1] // process_count
+    return indices[..., process_index * per_process:(process_index + 1) * per_process]
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
+    """A PIL grid of float [0, 1] or uint8 NHWC images."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    n, h, w, c = images.shape
+    columns = columns or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / columns))
+    grid = np.full((rows * h + (rows - 1) * 2, columns * w + (columns - 1) * 2, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * (h + 2):r * (h + 2) + h, col * (w + 2):col * (w + 2) + w] = image
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def iter_batches(images: np.ndarray, plan: BatchPlan, start_step: int, end_step: int,
+                 process_index: int = 0, process_count: int = 1) -> Iterable[np.ndarray]:
+    """This process's uint8 batch (accumulation, micro_batch / processes, R, R, C) for each step."""
+    for step in range(start_step, end_step):
+        yield images[process_slice(plan.indices(step), process_index, process_count)]

@@ -1,0 +1,216 @@
+"""train.py end to end: outputs, exact resume after SIGKILL, diffusers loading, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import load_file
+
+import train as train_cli
+from conftest import ROOT
+from test_training import MICRO
+
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def micro_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    path.write_text(json.dumps({"_class_name": "UNet2DModel", **MICRO}))
+    return path
+
+
+def flags(config: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--model_config_name_or_path", str(config), "--resolution", "16", "--num_shapes", "64",
+            "--train_batch_size", "8", "--eval_batch_size", "4", "--ddpm_num_inference_steps", "4",
+            "--logging_steps", "4", "--checkpointing_steps", "8", "--save_images_epochs", "2",
+            "--save_model_epochs", "100", "--lr_warmup_steps", "5", "--learning_rate", "1e-3", "--use_ema",
+            "--random_flip", "--max_train_steps", str(STEPS), "--output_dir", str(output_dir), *extra]
+
+
+def run_cli(args, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished_run(micro_config, tmp_path_factory):
+    """An uninterrupted run: 64 images / batch 8 = 8 steps per epoch, 4 epochs."""
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    process = run_cli(flags(micro_config, out))
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return out, output
+
+
+def test_output_folder(finished_run):
+    out, log = finished_run
+    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json", "metrics.jsonl", "loss_curve.png", "samples.png",
+                 "train_config.json"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["16", "24", "32", "8"]
+    grids = sorted(p.name for p in (out / "samples").iterdir())
+    assert grids == ["epoch_0000_step_000008.png", "epoch_0002_step_000024.png", "epoch_0003_step_000032.png"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(4, STEPS + 1, 4))
+    for row in rows:
+        assert {"step", "epoch", "loss", "lr", "images_per_sec", "grad_norm", "ema_decay"} <= set(row)
+    assert all(r["images_per_sec"] > 0 for r in rows[1:])  # the first window holds the compile
+    assert rows[-1]["epoch"] == 3
+    assert "compiled and ran the first step" in log
+
+
+def test_output_loads_in_pytorch_diffusers(finished_run):
+    from diffusers import DDPMPipeline
+    out, _ = finished_run
+    pipe = DDPMPipeline.from_pretrained(out)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    from flaxdiff import DiffusionPipeline
+    ours = DiffusionPipeline.from_pretrained(out)
+    assert ours.scheduler_config["_class_name"] == "DDPMScheduler"
+
+
+def test_sigkill_then_resume_equals_uninterrupted(finished_run, micro_config, tmp_path):
+    """Kill -9 after the checkpoint of step 16 exists, resume with `latest`: the final weights and
+    the logged losses are bit for bit those of the uninterrupted run."""
+    out = tmp_path / "killed"
+    process = run_cli(flags(micro_config, out))
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "16").is_dir():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps_left = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps_left and max(steps_left) < STEPS
+    resumed = run_cli(flags(micro_config, out, "--resume_from_checkpoint", "latest"))
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log
+    assert f"at step {max(steps_left)}" in log
+    reference, _ = finished_run
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(reference / name)), load_file(str(out / name))
+    for key in a:
+        assert a[key].tobytes() == b[key].tobytes(), key
+    losses = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa
+    assert losses(reference) == losses(out)
+
+
+def test_half_written_checkpoint_is_never_resumed(finished_run, tmp_path):
+    """An interrupted save leaves only Orbax's temporary directory, which `latest` ignores."""
+    import shutil
+    from flaxdiff.checkpoint import find_checkpoint
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0] / "checkpoints", out / "checkpoints")
+    shutil.copytree(out / "checkpoints" / "32", out / "checkpoints" / "40.orbax-checkpoint-tmp-1234")
+    directory, step = find_checkpoint("latest", out)
+    assert step == 32
+
+
+# --------------------------------------------------------------------------- bad input
+def cli_error(capsys, args) -> str:
+    code = train_cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err  # one message (progress bars of data loading may precede it)
+    assert "Traceback" not in err
+    return errors[0]
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--output_dir", "--resolution", "--center_crop", "--random_flip", "--train_batch_size",
+                 "--eval_batch_size", "--num_epochs", "--max_train_steps", "--save_images_epochs",
+                 "--save_model_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps", "--adam_beta1",
+                 "--adam_beta2", "--adam_weight_decay", "--adam_epsilon", "--use_ema", "--ema_inv_gamma",
+                 "--ema_power", "--ema_max_decay", "--mixed_precision", "--prediction_type", "--ddpm_num_steps",
+                 "--ddpm_num_inference_steps", "--ddpm_beta_schedule", "--checkpointing_steps",
+                 "--checkpoints_total_limit", "--resume_from_checkpoint", "--seed", "--dataset", "--model_preset",
+                 "--sampler", "--gradient_accumulation_steps", "--dataset_name", "--train_data_dir",
+                 "--model_config_name_or_path", "--dataset_config_name", "--split", "--image_column"):
+        assert flag in text, flag
+
+
+def test_missing_and_empty_folder(capsys, tmp_path):
+    assert "the image folder ./does/not/exist does not exist" in cli_error(
+        capsys, ["--dataset", "./does/not/exist", "--output_dir", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in cli_error(capsys, ["--dataset", str(tmp_path / "empty"),
+                                                   "--output_dir", str(tmp_path / "o2")])
+
+
+def test_unreadable_image_named(capsys, tmp_path, micro_config):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((20, 20, 3), i * 30, np.uint8)).save(images / f"{i}.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    message = cli_error(capsys, ["--dataset", str(images), "--output_dir", str(tmp_path / "o"),
+                                 "--model_config_name_or_path", str(micro_config), "--resolution", "16"])
+    assert "broken.jpg" in message and "Remove or replace" in message
+
+
+def test_hub_id_offline(capsys, tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    message = cli_error(capsys, ["--dataset_name", "someone/some-dataset", "--output_dir", str(tmp_path / "o")])
+    assert "cannot load the Hub dataset 'someone/some-dataset'" in message
+
+
+def test_output_dir_problems(capsys, tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    assert "is a file" in cli_error(capsys, ["--output_dir", str(a_file)])
+    assert a_file.read_text() == "mine"
+    assert "is not writable" in cli_error(capsys, ["--output_dir", "/proc/flaxdiff-output"])
+    users = tmp_path / "users_folder"
+    users.mkdir()
+    (users / "notes.md").write_text("keep me")
+    message = cli_error(capsys, ["--output_dir", str(users), "--overwrite_output_dir"])
+    assert "not a flaxdiff run" in message
+    assert (users / "notes.md").read_text() == "keep me"
+
+
+def test_existing_run_needs_resume_or_overwrite(capsys, finished_run):
+    message = cli_error(capsys, ["--output_dir", str(finished_run[0])])
+    assert "--resume_from_checkpoint latest" in message and "--overwrite_output_dir" in message
+
+
+def test_checkpoint_of_another_model(capsys, finished_run, tmp_path):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run[0], out)
+    message = cli_error(capsys, ["--output_dir", str(out), "--resume_from_checkpoint", "latest",
+                                 "--model_preset", "tiny", "--resolution", "16"])
+    assert "is of another model config" in message and "block_out_channels" in message
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dataset", "shapes", "--train_data_dir", "./x"], "name different datasets"),
+    (["--model_preset", "tiny", "--model_config_name_or_path", "x.json"], "not both"),
+    (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "give only one"),
+    (["--train_batch_size", "6"], "divisible by the 4 devices"),
+    (["--resolution", "30"], "not a multiple of 4"),
+    (["--ddpm_num_inference_steps", "2000"], "exceeds --ddpm_num_steps 1000"),
+    (["--learning_rate", "-1"], "must be positive"),
+    (["--max_train_steps", "0"], "at least 1"),
+])
+def test_contradicting_or_wrong_flags(capsys, tmp_path, args, expected):
+    assert expected in cli_error(capsys, [*args, "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "checkpoints").exists()
