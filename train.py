@@ -32,7 +32,7 @@ def build_parser(options_class=TrainOptions, description: str = __doc__) -> argp
         meta = field.metadata
         target = groups.get(meta.get("group"), parser)
         flag = f"--{field.name}"
-        annotation = str(field.type).replace(" ", "")
+        annotation = str(field.type).replace(" ", "").replace("|None", "")
         if annotation == "bool":
             target.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
                                 help=meta["help"])

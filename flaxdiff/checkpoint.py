@@ -41,7 +41,8 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, step: int, abstract_state: Any) -> Any:
-        """The saved state, laid out like `abstract_state` (shapes, dtypes and shardings)."""
+        """The saved state, laid out like `abstract_state` (shapes, dtypes and shardings); with
+        None, as nested dicts on the default device."""
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
 

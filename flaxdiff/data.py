@@ -49,7 +49,7 @@ class DataSpec:
 
 
 # --------------------------------------------------------------------------- the built-in dataset
-SHAPE_KINDS = ("circle", "square", "triangle", "diamond", "cross", "ring")
+SHAPE_KINDS = ("circle", "square", "triangle", "cross")
 
 
 def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -63,18 +63,12 @@ def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tup
 
 
 def draw_shape(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
-    """One coloured shape on a plain or two-tone background, drawn at 4x and downsampled."""
+    """One coloured shape on a plain background of another colour, drawn at 4x and downsampled."""
     big = size * 4
     background, colour = _contrasting_colours(rng)
     image = Image.new("RGB", (big, big), background)
     draw = ImageDraw.Draw(image)
-    if rng.random() < 0.5:  # a second, close background tone in one half: varied backgrounds
-        shade = tuple(int(np.clip(c + rng.integers(-40, 41), 0, 255)) for c in background)
-        if rng.random() < 0.5:
-            draw.rectangle([0, 0, big, big // 2], fill=shade)
-        else:
-            draw.rectangle([0, 0, big // 2, big], fill=shade)
-    radius = big * rng.uniform(0.22, 0.36)
+    radius = big * rng.uniform(0.25, 0.38)
     cx, cy = (big / 2 + rng.uniform(-1, 1) * (big / 2 - radius - 2) for _ in range(2))
     box = [cx - radius, cy - radius, cx + radius, cy + radius]
     if kind == "circle":
@@ -84,27 +78,24 @@ def draw_shape(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     elif kind == "triangle":
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius * 0.8), (cx + radius, cy + radius * 0.8)],
                      fill=colour)
-    elif kind == "diamond":
-        draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=colour)
-    elif kind == "cross":
+    else:  # cross
         arm = radius * 0.38
         draw.rectangle([cx - radius, cy - arm, cx + radius, cy + arm], fill=colour)
         draw.rectangle([cx - arm, cy - radius, cx + arm, cy + radius], fill=colour)
-    else:  # ring
-        draw.ellipse(box, fill=colour)
-        inner = radius * 0.5
-        draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=background)
     return image.resize((size, size), Image.LANCZOS)
 
 
-def make_shapes(num_images: int, size: int = 32, seed: int = 0):
+def make_shapes(num_images: int, size: int = 32, seed: int = 0, split: str = "train"):
     """The built-in dataset as a Hugging Face `datasets.Dataset` with `image` and `label` columns.
 
-    Deterministic: the same (num_images, size, seed) gives the same pixels.
+    Deterministic: the same (num_images, size, seed, split) gives the same pixels; the "test"
+    split is drawn from another stream, so it is held out from "train" at every seed.
     """
     import datasets
 
-    rng = np.random.default_rng([seed, 20251125])
+    if split not in ("train", "test"):
+        raise DataError(f"the built-in '{BUILTIN}' dataset has the splits 'train' and 'test', not {split!r}")
+    rng = np.random.default_rng([seed, 20251125, 0 if split == "train" else 1])
     labels = rng.integers(0, len(SHAPE_KINDS), num_images)
     images = [draw_shape(SHAPE_KINDS[label], rng, size) for label in labels]
     features = datasets.Features({"image": datasets.Image(),
@@ -166,14 +157,17 @@ def decode(source, name: str) -> Image.Image:
 
 # --------------------------------------------------------------------------- datasets
 def resolve_dataset_name(name: str | None) -> tuple[str, str]:
-    """(kind, name) with kind 'builtin' | 'folder' | 'hub'; a missing local path is an error."""
+    """(kind, name) with kind 'builtin' | 'folder' | 'npz' | 'hub'; a missing local path is an error."""
     if name is None or name == BUILTIN:
         return "builtin", BUILTIN
     name = DATASET_ALIASES.get(name, name)
     path = Path(name).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix == ".npz":
+            return "npz", str(path)
         if not path.is_dir():
-            raise DataError(f"--dataset {name} is a file; give a folder of images, a Hub dataset id, or '{BUILTIN}'")
+            raise DataError(f"--dataset {name} is a file; give a folder of images, a .npz of images, a Hub "
+                            f"dataset id, or '{BUILTIN}'")
         return "folder", str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise DataError(f"the image folder {name} does not exist")
@@ -227,7 +221,7 @@ def open_dataset(spec: DataSpec):
 
     kind, name = resolve_dataset_name(spec.dataset)
     if kind == "builtin":
-        return make_shapes(spec.num_shapes, max(spec.resolution, 8), spec.seed)
+        return make_shapes(spec.num_shapes, max(spec.resolution, 8), spec.seed, spec.split)
     if kind == "folder":
         check_folder(name)
         try:
@@ -260,6 +254,8 @@ def load_images(spec: DataSpec, progress: bool = True) -> np.ndarray:
     import datasets
     from tqdm.auto import tqdm
 
+    if resolve_dataset_name(spec.dataset)[0] == "npz":
+        return _load_npz(spec, progress)
     dataset = open_dataset(spec)
     column = image_column(dataset, spec.image_column)
     if spec.max_train_samples is not None:
@@ -273,6 +269,30 @@ def load_images(spec: DataSpec, progress: bool = True) -> np.ndarray:
         name = cell.get("path") or f"#{i} of {spec.dataset}" if isinstance(cell, dict) else f"#{i}"
         image = to_mode(decode(cell, name), spec.channels)
         out[i] = resize_and_crop(image, spec.resolution, spec.center_crop, rng)
+    return out
+
+
+def _load_npz(spec: DataSpec, progress: bool) -> np.ndarray:
+    """Images from a .npz: its 'images' array (uint8, NHWC or NHW), converted like any image."""
+    from tqdm.auto import tqdm
+
+    with np.load(spec.dataset) as archive:
+        if "images" not in archive:
+            raise DataError(f"{spec.dataset} has no 'images' array (it has: {', '.join(archive.files)})")
+        images = archive["images"]
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataError(f"{spec.dataset}: 'images' must be uint8 of shape (N, H, W[, C]), got {images.dtype} "
+                        f"{images.shape}")
+    images = images[:spec.max_train_samples] if spec.max_train_samples else images
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[1:] == (spec.resolution, spec.resolution, spec.channels):
+        return np.ascontiguousarray(images)
+    rng = np.random.default_rng([spec.seed, 1])
+    out = np.empty((len(images), spec.resolution, spec.resolution, spec.channels), np.uint8)
+    for i, array in enumerate(tqdm(images, desc="converting images", disable=not progress, leave=False)):
+        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        out[i] = resize_and_crop(to_mode(image, spec.channels), spec.resolution, spec.center_crop, rng)
     return out
 
 

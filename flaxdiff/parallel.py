@@ -78,8 +78,37 @@ def global_batch(local: np.ndarray, mesh: Mesh, batch_axis: int) -> jax.Array:
 
 
 def replicate(tree, mesh: Mesh):
-    """Put a pytree on every device of the mesh (the same value everywhere)."""
+    """Put a pytree on every device of the mesh (the same value on every process and device)."""
     sharding = replicated(mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+    def put(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.tree.map(put, tree)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (a no-op for a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+# Dense bf16 peak FLOP/s of one JAX device, by device_kind (TPU cores and GPUs), for MFU logging.
+PEAK_FLOPS = {
+    "TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA L4": 121e12, "Tesla T4": 65e12,
+    "Tesla V100-SXM2-16GB": 125e12, "Tesla P100-PCIE-16GB": 18.7e12, "NVIDIA A10G": 125e12,
+}
+
+
+def peak_flops_per_device() -> float | None:
+    """The device's peak FLOP/s ($FLAXDIFF_PEAK_FLOPS overrides), or None when not known (CPUs)."""
+    if os.environ.get("FLAXDIFF_PEAK_FLOPS"):
+        return float(os.environ["FLAXDIFF_PEAK_FLOPS"])
+    return PEAK_FLOPS.get(jax.devices()[0].device_kind)

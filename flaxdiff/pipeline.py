@@ -56,6 +56,25 @@ def _sample_program(graphdef, state, plan, latents, noise, key):
     return samplers_lib.sample_loop(unet, plan, latents, noise, key)
 
 
+def _spread_over_devices(state, plan, latents, noise):
+    """Split the batch over this process's devices (weights replicated) when it divides evenly.
+
+    The random draws do not depend on the split (threefry is partitionable), so a seed gives the
+    same images on 1 or N devices.
+    """
+    from .parallel import batch_sharding, make_mesh, replicated
+
+    devices = jax.local_devices()
+    if len(devices) == 1 or latents.shape[0] % len(devices):
+        return state, plan, latents, noise
+    mesh = make_mesh(devices)
+    state, plan = jax.device_put((state, plan), replicated(mesh))
+    latents = jax.device_put(latents, batch_sharding(mesh, 0, latents.ndim))
+    if noise is not None:
+        noise = jax.device_put(jnp.asarray(noise, jnp.float32), batch_sharding(mesh, 1, 5))
+    return state, plan, latents, noise
+
+
 class DiffusionPipeline:
     """An unconditional image diffusion pipeline: a Flax UNet2D and a diffusers scheduler config."""
 
@@ -77,6 +96,39 @@ class DiffusionPipeline:
             raise FileNotFoundError(f"no scheduler/{SCHEDULER_CONFIG} in {folder}")
         scheduler_config = json.loads(scheduler_file.read_text())
         return cls(load_unet(folder / "unet", dtype=dtype), scheduler_config)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, use_ema: bool = True) -> "DiffusionPipeline":
+        """A train.py checkpoint (output_dir/checkpoints/<step>, or a run's latest): its EMA weights
+        when it has them (use_ema), else the training weights."""
+        from .checkpoint import Checkpoints, find_checkpoint
+        from .unet import UNet2DConfig
+
+        directory, step = find_checkpoint(str(path), Path(path))
+        checkpoints = Checkpoints(directory, read_only=True)
+        meta = checkpoints.read_meta(step)
+        state = checkpoints.restore(step, None)
+        params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
+        unet = UNet2D(UNet2DConfig.from_dict(meta["unet"]), rngs=nnx.Rngs(0))
+        graphdef, _ = nnx.split(unet)
+        return cls(nnx.merge(graphdef, jax.tree.map(np.asarray, params)), meta["scheduler"])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, use_ema: bool = True) -> "DiffusionPipeline":
+        """Whatever a user calls a model: a pipeline folder, a train.py output_dir (its pipeline,
+        or its latest checkpoint before the first pipeline is saved), a checkpoint, or a Hub id."""
+        local = Path(path).expanduser()
+        if not local.exists():
+            return cls.from_pretrained(path)
+        if not local.is_dir():
+            raise ValueError(f"{path} is a file; give a folder (a pipeline, a train.py output_dir or a "
+                             "checkpoint) or a Hub id")
+        if _is_pipeline_folder(local):
+            return cls.from_pretrained(local)
+        if local.name.isdigit() or (local / "checkpoints").is_dir():
+            return cls.from_checkpoint(local, use_ema=use_ema)
+        raise ValueError(f"{path} is not a model: expected a diffusers pipeline folder (model_index.json, unet/, "
+                         "scheduler/), a train.py output_dir, or a checkpoint (output_dir/checkpoints/<step>)")
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a folder that `diffusers.DDPMPipeline.from_pretrained` (PyTorch) loads."""
@@ -131,6 +183,7 @@ class DiffusionPipeline:
         if noise is not None and not plan.config.stochastic:
             noise = None  # deterministic samplers use no noise, as in diffusers
         graphdef, state = nnx.split(self.unet)
+        state, plan, latents, noise = _spread_over_devices(state, plan, latents, noise)
         final = _sample_program(graphdef, state, plan, latents, noise, jax.random.fold_in(key, 1))
         final = np.asarray(final)
         if output_type == "latent":

@@ -21,14 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from .hub import check_hub_access, model_card, push_to_hub
 from .data import BUILTIN, BatchPlan, DataError, DataSpec, image_grid, load_images, process_slice, \
     resolve_dataset_name
 
 PRESETS: dict[str, dict] = {
     # small enough for a CPU: trains on the built-in shapes in minutes
-    "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=32,
-                 down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                 up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    "tiny": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=32,
+                 down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
     # the model of Unit 1 of the Hugging Face diffusion course
     "course": dict(block_out_channels=(64, 128, 128, 256), layers_per_block=2,
                    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
@@ -40,6 +41,19 @@ PRESETS: dict[str, dict] = {
                  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D")),
 }
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+# Defaults that differ between real datasets (diffusers' train_unconditional values, except the
+# fast DDIM grids) and the built-in dataset, whose defaults make `python train.py` a CPU demo
+# that shows clear shapes in under 10 minutes. Every one of them is a flag.
+PROFILE_DEFAULTS = {
+    "model_preset": ("course", "tiny"),
+    "train_batch_size": (16, 8),
+    "num_epochs": (100, 10),
+    "learning_rate": (1e-4, 1e-3),
+    "lr_warmup_steps": (500, 100),
+    "use_ema": (False, True),
+    "sampler": ("ddim", "ddpm"),
+    "ddpm_num_inference_steps": (50, 100),
+}
 RUN_FILE = "train_config.json"
 
 
@@ -82,23 +96,27 @@ class TrainOptions:
     ddpm_beta_schedule: str = _opt("linear", "noise schedule", group="model",
                                    choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"))
     # ------------------------------------------------------------------ optimisation
-    train_batch_size: int = _opt(16, "global batch size per optimizer step (split over all devices)", group="optim")
+    train_batch_size: int | None = _opt(None, "global batch size per optimizer step, split over all devices "
+                                        "(default 16; 8 for the built-in dataset)", group="optim")
     gradient_accumulation_steps: int = _opt(1, "micro-batches of --train_batch_size per optimizer step",
                                             group="optim")
-    num_epochs: int | None = _opt(None, "epochs to train (default 100, or 12 for the built-in dataset)",
+    num_epochs: int | None = _opt(None, "epochs to train (default 100; 10 for the built-in dataset)",
                                   group="optim")
     max_train_steps: int | None = _opt(None, "optimizer steps to train; overrides --num_epochs", group="optim")
-    learning_rate: float = _opt(1e-4, "peak learning rate", group="optim")
+    learning_rate: float | None = _opt(None, "peak learning rate (default 1e-4; 1e-3 for the built-in dataset)",
+                                       group="optim")
     lr_scheduler: str = _opt("cosine", "learning-rate schedule, counted in optimizer steps", group="optim",
                              choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                                       "polynomial"))
-    lr_warmup_steps: int = _opt(500, "linear warmup, in optimizer steps", group="optim")
+    lr_warmup_steps: int | None = _opt(None, "linear warmup, in optimizer steps (default 500; 100 for the "
+                                       "built-in dataset)", group="optim")
     adam_beta1: float = _opt(0.95, "AdamW beta1", group="optim")
     adam_beta2: float = _opt(0.999, "AdamW beta2", group="optim")
     adam_weight_decay: float = _opt(1e-6, "AdamW decoupled weight decay", group="optim")
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon", group="optim")
     max_grad_norm: float = _opt(1.0, "clip the gradient's global norm to this (0: no clipping)", group="optim")
-    use_ema: bool = _opt(False, "keep an exponential moving average of the weights, used for samples and saving",
+    use_ema: bool | None = _opt(None, "keep an exponential moving average of the weights, used for samples and "
+                                "saving (default off; on for the built-in dataset)",
                          group="optim")
     ema_inv_gamma: float = _opt(1.0, "EMA warmup inverse gamma", group="optim")
     ema_power: float = _opt(0.75, "EMA warmup power", group="optim")
@@ -116,15 +134,23 @@ class TrainOptions:
     eval_batch_size: int = _opt(16, "images in each sample grid", group="output")
     save_images_epochs: int = _opt(10, "save a sample grid every N epochs (and at the end)", group="output")
     save_model_epochs: int = _opt(10, "save the diffusers pipeline every N epochs (and at the end)", group="output")
-    sampler: str = _opt("ddim", "sampler for the grids saved while training", group="output", choices=SAMPLERS)
-    ddpm_num_inference_steps: int | None = _opt(None, "sampling steps for those grids (default: 1000 for ddpm, "
-                                                "50 otherwise)", group="output")
+    sampler: str | None = _opt(None, "sampler for the grids saved while training (default ddim; ddpm for the "
+                               "built-in dataset)", group="output", choices=SAMPLERS)
+    ddpm_num_inference_steps: int | None = _opt(None, "sampling steps for those grids (default 50; 100 for the "
+                                                "built-in dataset)", group="output")
     checkpointing_steps: int = _opt(500, "save a resumable checkpoint every N optimizer steps (and at the end)",
                                     group="output")
     checkpoints_total_limit: int | None = _opt(None, "keep only the newest N checkpoints", group="output")
     resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint path: continue that run exactly",
                                               group="output")
     logging_steps: int = _opt(10, "log loss, lr and images/s every N steps (the only host syncs)", group="output")
+    push_to_hub: bool = _opt(False, "upload the final pipeline folder and its model card to the Hugging Face Hub "
+                             "(not the checkpoints or logs)", group="output")
+    hub_model_id: str | None = _opt(None, "the Hub repo to push to, 'name' or 'user/name' (default: the "
+                                    "output_dir's name)", group="output")
+    hub_private_repo: bool = _opt(False, "create the Hub repo as private", group="output")
+    hub_token: str | None = _opt(None, "Hub token (default: the one `hf auth login` stored, or HF_TOKEN)",
+                                 group="output")
     # ------------------------------------------------------------------ scale
     steps_per_dispatch: int = _opt(1, "run K optimizer steps as one lax.scan per dispatch", group="scale")
     coordinator_address: str | None = _opt(None, "multi-host: HOST:PORT of process 0 (not needed on TPU pods "
@@ -148,10 +174,11 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
     builtin = opts.dataset == BUILTIN
     if opts.model_preset and opts.model_config_name_or_path:
         raise OptionsError("give --model_preset or --model_config_name_or_path, not both")
-    if not opts.model_config_name_or_path and opts.model_preset is None:
-        opts.model_preset = "tiny" if builtin else "course"
-    if opts.num_epochs is None:
-        opts.num_epochs = 12 if builtin else 100
+    if opts.model_config_name_or_path:
+        opts.model_preset = None
+    for name, (usual, demo) in PROFILE_DEFAULTS.items():
+        if getattr(opts, name) is None and not (name == "model_preset" and opts.model_config_name_or_path):
+            setattr(opts, name, demo if builtin else usual)
     if opts.output_dir is None:
         name = Path(opts.dataset.rstrip("/")).name or "data"
         opts.output_dir = f"flaxdiff-{name}-{opts.resolution}"
@@ -172,6 +199,12 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
         raise OptionsError(f"--lr_warmup_steps must be >= 0, got {opts.lr_warmup_steps}")
     if not 0 <= opts.ema_max_decay <= 1:
         raise OptionsError(f"--ema_max_decay must be in [0, 1], got {opts.ema_max_decay}")
+    if (opts.hub_model_id or opts.hub_private_repo) and not opts.push_to_hub:
+        raise OptionsError("--hub_model_id / --hub_private_repo only apply with --push_to_hub: add it")
+    if opts.push_to_hub and opts.hub_model_id is None:
+        from .hub import default_repo_name
+
+        opts.hub_model_id = default_repo_name(opts.output_dir)
     steps = opts.ddpm_num_inference_steps
     if steps is not None and steps > opts.ddpm_num_steps:
         raise OptionsError(f"--ddpm_num_inference_steps {steps} exceeds --ddpm_num_steps {opts.ddpm_num_steps}")
@@ -241,17 +274,19 @@ def prepare_output_dir(opts: TrainOptions, is_main: bool) -> Path:
             raise OptionsError(f"--output_dir {out} holds a previous run: pass --resume_from_checkpoint latest to "
                                "continue it, --overwrite_output_dir to start over (deletes its checkpoints), or "
                                "another --output_dir")
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as error:
-            raise OptionsError(f"--output_dir {out} is not writable ({error.strerror}): choose another folder") \
-                from error
-        if opts.overwrite_output_dir and (out / "checkpoints").exists():
-            shutil.rmtree(out / "checkpoints")
+    from .parallel import barrier
+
+    barrier("output_dir checked")  # every process has looked before any process writes
+    try:  # every process: multi-host checkpoints are written by all of them
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise OptionsError(f"--output_dir {out} is not writable ({error.strerror}): choose another folder") \
+            from error
+    if is_main and opts.overwrite_output_dir and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
     return out
 
 
@@ -391,10 +426,13 @@ def _train(opts: TrainOptions, log) -> Path:
     unet_config = unet_config_for(opts)
     scheduler_config = scheduler_config_for(opts)
     sampler = make_sampler(opts.sampler, scheduler_config)
-    sample_steps = opts.ddpm_num_inference_steps or (1000 if opts.sampler == "ddpm" else 50)
-    sample_plan = sampler.plan(min(sample_steps, opts.ddpm_num_steps))
+    sample_plan = sampler.plan(min(opts.ddpm_num_inference_steps, opts.ddpm_num_steps))
     mesh = parallel.make_mesh()
     parallel.check_divisible(opts.train_batch_size, mesh)
+    if opts.push_to_hub and is_main:
+        if opts.hub_token:
+            os.environ.setdefault("HF_TOKEN", opts.hub_token)
+        check_hub_access(opts.hub_model_id)
     out = prepare_output_dir(opts, is_main)
     resume = None
     if opts.resume_from_checkpoint:
@@ -460,6 +498,9 @@ def _train(opts: TrainOptions, log) -> Path:
         (out / RUN_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         samples_dir.mkdir(exist_ok=True)
         _trim_metrics(metrics_file, start_step)
+    if opts.dataset == BUILTIN:
+        say("built-in dataset: CPU demo defaults unless given (" + ", ".join(
+            f"--{name} {getattr(opts, name)}" for name in PROFILE_DEFAULTS) + ")")
     say(f"{len(images)} images of {opts.resolution}x{opts.resolution}x{unet_config.in_channels}; "
         f"UNet {opts.model_preset or opts.model_config_name_or_path} with {num_params / 1e6:.2f}M parameters; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
@@ -493,19 +534,23 @@ def _train(opts: TrainOptions, log) -> Path:
                                                     channels)), mesh)
     sample_plan = parallel.replicate(sample_plan, mesh)
 
+    noise_key = parallel.replicate(jax.random.fold_in(sample_key, 1), mesh)
+
     def save_samples(tag: str) -> Path:
-        final = _sample_program(sample_graphdef, sampling_params(state), sample_plan, latents, None,
-                                jax.random.fold_in(sample_key, 1))
+        final = _sample_program(sample_graphdef, sampling_params(state), sample_plan, latents, None, noise_key)
         grid = image_grid((to_host(final) / 2 + 0.5).clip(0, 1))
         path = samples_dir / f"{tag}.png"
         if is_main:
             grid.save(path)
         return path
 
-    def save_pipeline() -> None:
+    def save_pipeline(final_loss: float | None = None) -> None:
         host_params = jax.tree.map(to_host, sampling_params(state))
         if is_main:
             DiffusionPipeline(nnx.merge(sample_graphdef, host_params), scheduler_config).save_pretrained(out)
+            card = model_card(meta, opts.hub_model_id, None if final_loss is None or math.isnan(final_loss)
+                              else final_loss)
+            (out / "README.md").write_text(card)
 
     # ---- the loop
     bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="training", unit="step",
@@ -513,9 +558,14 @@ def _train(opts: TrainOptions, log) -> Path:
     meter = Throughput()
     pending, compile_seconds, last_loss = [], None, float("nan")
     start_time = time.perf_counter()
+    flops_per_step, peak = None, parallel.peak_flops_per_device()
     try:
         for first, count in dispatches:
-            state, metrics = train_step(state, prefetch.get())
+            batch = prefetch.get()
+            if flops_per_step is None:  # XLA's count of the model's FLOPs, for the mfu log
+                cost = train_step.lower(state, batch).cost_analysis() or {}
+                flops_per_step = float(cost.get("flops", 0.0)) / count
+            state, metrics = train_step(state, batch)
             step = first + count
             pending.append(metrics)
             if compile_seconds is None:  # the first dispatch includes compilation: time it apart
@@ -527,8 +577,13 @@ def _train(opts: TrainOptions, log) -> Path:
                 meter.add(count * plan.step_size)
             bar.update(count)
             if step % opts.logging_steps == 0 or step == total_steps:
-                fetched = jax.device_get(pending)  # the only host sync of the loop
+                fetched = jax.tree.map(to_host, pending)  # the only host sync of the loop
                 row = _log_row(step, fetched, meter.rate(), plan)
+                if row["images_per_sec"] and flops_per_step:
+                    flops_per_sec = flops_per_step * row["images_per_sec"] / plan.step_size
+                    row["flops_per_sec"] = flops_per_sec
+                    if peak:
+                        row["mfu"] = flops_per_sec / (peak * jax.device_count())
                 if is_main:
                     with open(metrics_file, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -551,7 +606,7 @@ def _train(opts: TrainOptions, log) -> Path:
                     path = save_samples(f"epoch_{epoch:04d}_step_{step:06d}")
                     bar.write(f"epoch {epoch}: samples -> {path}") if is_main else None
                 if epoch % opts.save_model_epochs == 0 or last:
-                    save_pipeline()
+                    save_pipeline(last_loss)
             meter.start()
     finally:
         bar.close()
@@ -562,6 +617,9 @@ def _train(opts: TrainOptions, log) -> Path:
         if grids:
             shutil.copyfile(grids[-1], out / "samples.png")
         plot_loss_curve(metrics_file, out / "loss_curve.png")
+        if opts.push_to_hub:
+            say(f"uploading the pipeline to the Hub as {opts.hub_model_id} ...")
+            say(f"pushed: {push_to_hub(out, opts.hub_model_id, opts.hub_private_repo, opts.hub_token)}")
     total = time.perf_counter() - start_time
     say(f"done: {total_steps - start_step} steps in {total:.0f}s (first step with compile "
         f"{compile_seconds or 0:.1f}s); final loss {last_loss:.4f}; pipeline, samples and loss curve in {out}")

@@ -105,7 +105,7 @@ def learning_rate_schedule(config: StepConfig):
 def clip_grad_norm_torch(max_norm: float) -> optax.GradientTransformation:
     """torch.nn.utils.clip_grad_norm_: g * min(1, max_norm / (||g|| + 1e-6))."""
     def update(updates, state, params=None):
-        norm = optax.global_norm(updates)
+        norm = optax.tree.norm(updates)
         scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
         return jax.tree.map(lambda g: g * scale, updates), state
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -245,7 +245,7 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: StepConfig, mesh,
                                 (jnp.arange(accumulation), x0, noise, timesteps))
         loss = loss / accumulation
         grads = jax.tree.map(lambda g: g / accumulation, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1

@@ -17,3 +17,13 @@ jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def micro_config(tmp_path_factory):
+    """A diffusers UNet2DModel config.json small enough for subprocess training runs."""
+    from cli_runs import write_micro_config
+    return write_micro_config(tmp_path_factory.mktemp("micro"))

@@ -15,32 +15,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 import train as train_cli
-from conftest import ROOT
-from test_training import MICRO
-
-STEPS = 32
-
-
-@pytest.fixture(scope="module")
-def micro_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "config.json"
-    path.write_text(json.dumps({"_class_name": "UNet2DModel", **MICRO}))
-    return path
-
-
-def flags(config: Path, output_dir: Path, *extra: str) -> list[str]:
-    return ["--model_config_name_or_path", str(config), "--resolution", "16", "--num_shapes", "64",
-            "--train_batch_size", "8", "--eval_batch_size", "4", "--ddpm_num_inference_steps", "4",
-            "--logging_steps", "4", "--checkpointing_steps", "8", "--save_images_epochs", "2",
-            "--save_model_epochs", "100", "--lr_warmup_steps", "5", "--learning_rate", "1e-3", "--use_ema",
-            "--random_flip", "--max_train_steps", str(STEPS), "--output_dir", str(output_dir), *extra]
-
-
-def run_cli(args, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
+from cli_runs import STEPS, flags, run_cli
 
 @pytest.fixture(scope="module")
 def finished_run(micro_config, tmp_path_factory):
@@ -56,7 +31,7 @@ def test_output_folder(finished_run):
     out, log = finished_run
     for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                  "scheduler/scheduler_config.json", "metrics.jsonl", "loss_curve.png", "samples.png",
-                 "train_config.json"):
+                 "train_config.json", "README.md"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["16", "24", "32", "8"]
     grids = sorted(p.name for p in (out / "samples").iterdir())
@@ -206,7 +181,7 @@ def test_checkpoint_of_another_model(capsys, finished_run, tmp_path):
     (["--model_preset", "tiny", "--model_config_name_or_path", "x.json"], "not both"),
     (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "give only one"),
     (["--train_batch_size", "6"], "divisible by the 4 devices"),
-    (["--resolution", "30"], "not a multiple of 4"),
+    (["--resolution", "36"], "not a multiple of 8"),
     (["--ddpm_num_inference_steps", "2000"], "exceeds --ddpm_num_steps 1000"),
     (["--learning_rate", "-1"], "must be positive"),
     (["--max_train_steps", "0"], "at least 1"),

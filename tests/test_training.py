@@ -20,9 +20,7 @@ from flaxdiff.training import (LR_SCHEDULERS, StepConfig, create_train_state, di
 from flaxdiff.unet import UNet2D
 from torch_models import perturbed_unet
 
-MICRO = dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-             attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-             up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+from cli_runs import MICRO
 
 
 @pytest.mark.parametrize("name", LR_SCHEDULERS)

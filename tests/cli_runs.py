@@ -1,0 +1,35 @@
+"""Running train.py as a user does, in a subprocess, on a micro UNet and the built-in shapes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+STEPS = 32  # 64 images / batch 8 = 8 steps per epoch: 4 epochs
+MICRO = dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+             attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+             up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+
+
+def write_micro_config(folder: Path) -> Path:
+    path = folder / "config.json"
+    path.write_text(json.dumps({"_class_name": "UNet2DModel", **MICRO}))
+    return path
+
+
+def flags(config: Path, output_dir: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return ["--model_config_name_or_path", str(config), "--resolution", "16", "--num_shapes", "64",
+            "--train_batch_size", "8", "--eval_batch_size", "4", "--ddpm_num_inference_steps", "4",
+            "--logging_steps", "4", "--checkpointing_steps", "8", "--save_images_epochs", "2",
+            "--save_model_epochs", "100", "--lr_warmup_steps", "5", "--learning_rate", "1e-3", "--use_ema",
+            "--random_flip", "--max_train_steps", str(steps), "--output_dir", str(output_dir), *extra]
+
+
+def run_cli(args, devices: int = 2) -> subprocess.Popen:
+    """train.py in a new process with `devices` simulated CPU devices; output in .stdout."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
