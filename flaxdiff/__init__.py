@@ -2,6 +2,7 @@
 
 from . import _xla_flags  # noqa: F401  (must run before JAX initialises its backends)
 
+from .unet import UNet2D, UNet2DConfig
 from .schedule import NoiseSchedule, add_noise, get_velocity, to_x0_eps, training_target
 from .pipeline import DiffusionPipeline
 from .samplers import (DDIMSampler, DDPMSampler, DPMSolverMultistepSampler, Plan, make_sample_fn,

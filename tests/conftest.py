@@ -27,3 +27,14 @@ def micro_config(tmp_path_factory):
     """A diffusers UNet2DModel config.json small enough for subprocess training runs."""
     from cli_runs import write_micro_config
     return write_micro_config(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(micro_config, tmp_path_factory):
+    """An uninterrupted train.py run: 64 images / batch 8 = 8 steps per epoch, 4 epochs; (out, log)."""
+    from cli_runs import flags, run_cli
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    process = run_cli(flags(micro_config, out))
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return out, output

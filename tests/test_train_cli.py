@@ -17,16 +17,6 @@ from safetensors.numpy import load_file
 import train as train_cli
 from cli_runs import STEPS, flags, run_cli
 
-@pytest.fixture(scope="module")
-def finished_run(micro_config, tmp_path_factory):
-    """An uninterrupted run: 64 images / batch 8 = 8 steps per epoch, 4 epochs."""
-    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    process = run_cli(flags(micro_config, out))
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
-    return out, output
-
-
 def test_output_folder(finished_run):
     out, log = finished_run
     for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
