@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
+
+from flaxdiff.cli import report_errors
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
 
@@ -62,14 +63,12 @@ def check_args(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         check_args(args)
         return run(args)
-    except (ValueError, FileNotFoundError) as error:
-        if os.environ.get("FLAXDIFF_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+    return report_errors(body)
 
 
 def run(args) -> int:

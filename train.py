@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
+from flaxdiff.cli import report_errors
 from flaxdiff.trainer import TrainOptions, train
 
 GROUPS = {"data": "data", "model": "model and noise schedule", "optim": "optimisation",
@@ -47,17 +47,8 @@ def build_parser(options_class=TrainOptions, description: str = __doc__) -> argp
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        train(TrainOptions(**vars(args)))
-    except (ValueError, FileNotFoundError) as error:
-        if os.environ.get("FLAXDIFF_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: resume with --resume_from_checkpoint latest", file=sys.stderr)
-        return 130
-    return 0
+    return report_errors(lambda: train(TrainOptions(**vars(args))) and 0,
+                         interrupted="interrupted: resume with --resume_from_checkpoint latest")
 
 
 if __name__ == "__main__":

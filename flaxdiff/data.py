@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
 from pathlib import Path
 from typing import Iterable
 

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from typing import Any, Callable, Mapping
 
@@ -229,13 +228,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no_clip", action="store_true", help="do not clip the model's x_0 prediction")
     parser.add_argument("--output_json", default=None, help="also write the result to this JSON file")
     args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as error:
-        if os.environ.get("FLAXDIFF_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    from .cli import report_errors
+
+    return report_errors(lambda: _run(args))
 
 
 def _run(args) -> int:

@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .schedule import (NoiseSchedule, PREDICTION_TYPES, SCHEDULE_DEFAULTS, check_choice,
-                       schedule_kwargs, x0_eps_from_output)
+from .schedule import NoiseSchedule, PREDICTION_TYPES, SCHEDULE_DEFAULTS, check_choice
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -586,7 +585,7 @@ class DPMSolverMultistepSampler(_SamplerBase):
             c["sample_coeff"], c["d0_coeff"] = zeros.copy(), zeros.copy()
             sde = self.algorithm_type == "sde-dpmsolver++"
             for i, order in enumerate(orders):
-                alpha_t, sigma_t, alpha_s0, sigma_s0 = alpha[i + 1], sigma[i + 1], alpha[i], sigma[i]
+                alpha_t, sigma_t, sigma_s0 = alpha[i + 1], sigma[i + 1], sigma[i]
                 h = lam[i + 1] - lam[i]
                 if sde:
                     # SDE-DPM-Solver++ (Lu et al. 2022b, appendix): exp(-h) decay plus fresh noise

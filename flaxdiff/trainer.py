@@ -13,16 +13,14 @@ import math
 import os
 import queue
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .hub import check_hub_access, model_card, push_to_hub
-from .data import BUILTIN, BatchPlan, DataError, DataSpec, image_grid, load_images, process_slice, \
+from .data import BUILTIN, BatchPlan, DataSpec, image_grid, load_images, process_slice, \
     resolve_dataset_name
 
 PRESETS: dict[str, dict] = {

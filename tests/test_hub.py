@@ -6,7 +6,6 @@ from huggingface_hub.utils import filter_repo_objects
 
 import train as train_cli
 from cli_runs import flags
-from flaxdiff.hub import UPLOADED
 
 
 @pytest.fixture()

@@ -63,16 +63,18 @@ def test_two_processes_equal_one_process(runs):
 def test_kill_both_processes_and_resume(runs, micro_config, tmp_path):
     root, _ = runs
     out = tmp_path / "killed"
-    processes = two_processes(micro_config, out)
+    # checkpoints every 4 steps (they do not change the trajectory): a wide window to kill in, even on a
+    # loaded machine where the asynchronous save of step 4 commits several steps later
+    processes = two_processes(micro_config, out, "--checkpointing_steps", "4")
     deadline = time.time() + 900
-    while not (out / "checkpoints" / "8").is_dir():
+    while not (out / "checkpoints" / "4").is_dir():
         assert all(p.poll() is None for p in processes), "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.02)
     for process in processes:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    logs = finish(two_processes(micro_config, out, "--resume_from_checkpoint", "latest"))
+    logs = finish(two_processes(micro_config, out, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"))
     assert "resumed from" in logs[0]
     a, b = load_file(str(root / "multi" / WEIGHTS)), load_file(str(out / WEIGHTS))
     for key in a:

@@ -1,6 +1,5 @@
 """The notebooks run top to bottom (QUICK size) and are what their sources build, without outputs."""
 
-import os
 import subprocess
 import sys
 import time
