@@ -1,7 +1,7 @@
 """flaxdiff against PyTorch diffusers, in one run on this machine: training images/s, sampling
 UNet evaluations/s, compile times, peak memory and FLOPs.
 
-    python benchmarks/bench_speed.py                 # the course UNet, 32 px (about 20 minutes on 2 CPU cores)
+    python benchmarks/bench_speed.py                 # the course UNet, 32 px (about 13 minutes on 2 CPU cores)
     python benchmarks/bench_speed.py --quick         # fewer steps: a smoke run of the same table
 
 Every measurement runs in a fresh subprocess, so each peak resident memory is that job's own.

@@ -175,3 +175,13 @@ def test_checkpoint_of_another_model(capsys, finished_run, tmp_path):
 def test_contradicting_or_wrong_flags(capsys, tmp_path, args, expected):
     assert expected in cli_error(capsys, [*args, "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_readme_flag_table_lists_every_flag():
+    import dataclasses
+    from pathlib import Path
+    from conftest import ROOT
+    from flaxdiff.trainer import TrainOptions
+    readme = (Path(ROOT) / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainOptions) if f"| `--{f.name}` |" not in readme]
+    assert not missing, f"README's flag table lacks {missing}"
