@@ -241,7 +241,7 @@ def _attention(q, k, v, scale: float):
     Accelerators: jax.nn.dot_product_attention (cuDNN / fused kernels where available). XLA CPU:
     the same math as batched matmuls in (B, heads, N, head_dim) layout, 1.7x faster forward and
     1.5x faster backward than XLA's lowering of dot_product_attention for diffusers' small heads
-    (head_dim 8), see benchmarks/README.md.
+    (head_dim 8); see "Speed against diffusers" in the README.
     """
     if jax.default_backend() != "cpu":
         return jax.nn.dot_product_attention(q, k, v, scale=scale)
