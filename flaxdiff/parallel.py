@@ -7,6 +7,7 @@ assembled from each process's local slice; parameters and optimizer state are re
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -88,6 +89,65 @@ def replicate(tree, mesh: Mesh):
             return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
     return jax.tree.map(put, tree)
+
+
+class DeviceDataset:
+    """The whole uint8 dataset replicated on every device; each batch is gathered on the device.
+
+    The host then sends only the (tiny) int32 image indices of a batch. Every device gathers its
+    own part of the micro-batch axis from its full copy, so no data moves between devices, and the
+    batch is bit for bit the one the host would have built: the trajectory does not change.
+    """
+
+    def __init__(self, images: np.ndarray, mesh: Mesh, batch_axis: int = 2):
+        self.mesh, self.batch_axis = mesh, batch_axis
+        self.num_images = len(images)
+        self.nbytes_per_device = int(images.nbytes)
+        self.data = replicate(np.ascontiguousarray(images), mesh)
+        self._gathers: dict[int, object] = {}
+
+    def indices(self, local_indices: np.ndarray) -> jax.Array:
+        """The global int32 index array of a batch from this process's slice (what the host sends)."""
+        return global_batch(np.asarray(local_indices, np.int32), self.mesh, self.batch_axis)
+
+    def batch(self, local_indices: np.ndarray) -> jax.Array:
+        """The global uint8 batch for this process's slice of indices, gathered on the devices."""
+        indices = self.indices(local_indices)
+        if indices.ndim not in self._gathers:
+            self._gathers[indices.ndim] = jax.jit(functools.partial(gather_batch, mesh=self.mesh,
+                                                                    batch_axis=self.batch_axis))
+        return self._gathers[indices.ndim](self.data, indices)
+
+
+def gather_batch(data: jax.Array, indices: jax.Array, mesh: Mesh, batch_axis: int = 2) -> jax.Array:
+    """Traceable `data[indices]` for a replicated `data` and `indices` sharded over `batch_axis`:
+    each device gathers its own slice of the batch from its own copy (no communication)."""
+    spec = [None] * indices.ndim
+    spec[batch_axis] = AXIS
+    gather = jax.shard_map(lambda d, i: d[i], mesh=mesh, in_specs=(P(), P(*spec)), out_specs=P(*spec))
+    return gather(data, indices)
+
+
+def device_memory_bytes() -> int | None:
+    """The smallest memory of this process's devices (accelerators), or None where JAX does not say (CPU)."""
+    limits = []
+    for device in jax.local_devices():
+        try:
+            stats = device.memory_stats()
+        except Exception:  # some backends raise instead of returning None
+            stats = None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        limits.append(int(stats["bytes_limit"]))
+    return min(limits) if limits else None
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this host, or None where the OS does not tell."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def barrier(name: str) -> None:

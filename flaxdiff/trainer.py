@@ -15,6 +15,7 @@ import queue
 import shutil
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,11 @@ class TrainOptions:
                                  group="output")
     # ------------------------------------------------------------------ scale
     steps_per_dispatch: int = _opt(1, "run K optimizer steps as one lax.scan per dispatch", group="scale")
+    dataset_on_device: str = _opt("auto", "keep the uint8 dataset in device memory and gather batches in the "
+                                  "train step: auto (on TPUs/GPUs when it takes at most 1/4 of a device's "
+                                  "memory; never on CPUs, whose devices share host memory), yes, or no "
+                                  "(batches gathered on the host and prefetched)",
+                                  group="scale", choices=("auto", "yes", "no"))
     coordinator_address: str | None = _opt(None, "multi-host: HOST:PORT of process 0 (not needed on TPU pods "
                                            "or SLURM, which JAX detects)", group="scale")
     num_processes: int | None = _opt(None, "multi-host: the number of processes", group="scale")
@@ -286,6 +292,50 @@ def prepare_output_dir(opts: TrainOptions, is_main: bool) -> Path:
     if is_main and opts.overwrite_output_dir and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
     return out
+
+
+# --------------------------------------------------------------------------- where the dataset lives
+AUTO_SHARE = 0.25  # --dataset_on_device auto: at most this share of a device's memory
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def dataset_placement(mode: str, nbytes: int) -> tuple[bool, str]:
+    """Whether the uint8 dataset of `nbytes` stays in device memory (--dataset_on_device), and why.
+
+    Every device holds a full copy. On TPUs/GPUs it sits in the device's own memory and saves the
+    per-step host-to-device copy of the batch; `auto` takes that when the dataset needs at most
+    AUTO_SHARE of the device's memory. CPU devices live in host memory, where a copy per device
+    gains nothing (measured: benchmarks/bench_data_path.py), so `auto` keeps the host path there;
+    `yes` still works, counted against the host's RAM.
+    """
+    import jax
+
+    from . import parallel
+
+    if mode == "no":
+        return False, "on the host (--dataset_on_device no)"
+    per_device = parallel.device_memory_bytes()
+    if per_device is not None:
+        need, room = nbytes, per_device
+        where = f"a {jax.local_devices()[0].device_kind} device's {_size(room)}"
+    else:
+        if mode == "auto":
+            return False, "on the host (CPU devices share host memory; --dataset_on_device yes to copy it to each)"
+        need, room = nbytes * jax.local_device_count(), parallel.host_memory_bytes()
+        where = f"host memory ({_size(room or 0)}) for {jax.local_device_count()} CPU device copies"
+    if mode == "auto":
+        if need <= AUTO_SHARE * room:
+            return True, f"in device memory ({_size(nbytes)} per device)"
+        return False, (f"on the host: {_size(need)} is more than {AUTO_SHARE:.0%} of {where} "
+                       "(--dataset_on_device yes to override)")
+    if room is not None and need > 0.9 * room:
+        raise OptionsError(f"--dataset_on_device yes: the dataset needs {_size(need)} as uint8 but {where} "
+                           "cannot hold it next to the model; use --dataset_on_device no (batches gathered on "
+                           "the host and prefetched) or fewer images (--max_train_samples)")
+    return True, f"in device memory ({_size(nbytes)} per device, --dataset_on_device yes)"
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -459,6 +509,7 @@ def _train(opts: TrainOptions, log) -> Path:
     say(f"loading {opts.dataset} ...")
     images = load_images(spec, progress=is_main)
     plan = BatchPlan(len(images), opts.train_batch_size, opts.gradient_accumulation_steps, opts.seed)
+    on_device, placement = dataset_placement(opts.dataset_on_device, images.nbytes)
     total_steps = opts.max_train_steps or opts.num_epochs * plan.steps_per_epoch
     num_epochs = math.ceil(total_steps / plan.steps_per_epoch)
 
@@ -487,10 +538,11 @@ def _train(opts: TrainOptions, log) -> Path:
         start_step = int(to_host(state.step))
         say(f"resumed from {resume[0] / str(resume[1])} at step {start_step}")
     schedule = NoiseSchedule.from_config(scheduler_config)
-    train_step = make_train_step(graphdef, schedule, step_config, mesh, opts.seed)
+    train_step = make_train_step(graphdef, schedule, step_config, mesh, opts.seed,
+                                 gather=partial(parallel.gather_batch, mesh=mesh, batch_axis=2) if on_device else None)
 
     meta = {"unet": unet_config.to_dict(), "scheduler": scheduler_config, "options": dataclasses.asdict(opts),
-            "num_images": len(images), "steps_per_epoch": plan.steps_per_epoch, "total_steps": total_steps}
+            "num_images": plan.num_images, "steps_per_epoch": plan.steps_per_epoch, "total_steps": total_steps}
     metrics_file, samples_dir = out / "metrics.jsonl", out / "samples"
     if is_main:
         (out / RUN_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -499,7 +551,7 @@ def _train(opts: TrainOptions, log) -> Path:
     if opts.dataset == BUILTIN:
         say("built-in dataset: CPU demo defaults unless given (" + ", ".join(
             f"--{name} {getattr(opts, name)}" for name in PROFILE_DEFAULTS) + ")")
-    say(f"{len(images)} images of {opts.resolution}x{opts.resolution}x{unet_config.in_channels}; "
+    say(f"{len(images)} images of {opts.resolution}x{opts.resolution}x{unet_config.in_channels}, {placement}; "
         f"UNet {opts.model_preset or opts.model_config_name_or_path} with {num_params / 1e6:.2f}M parameters; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
     say(f"{total_steps} optimizer steps ({num_epochs} epochs of {plan.steps_per_epoch}), global batch "
@@ -517,10 +569,22 @@ def _train(opts: TrainOptions, log) -> Path:
             dispatches.append((step, count))
             step += count
 
-    def make_batch(first: int, count: int):
-        local = np.stack([images[process_slice(plan.indices(s), jax.process_index(), jax.process_count())]
-                          for s in range(first, first + count)])
-        return parallel.global_batch(local, mesh, batch_axis=2)
+    def local_indices(first: int, count: int) -> np.ndarray:  # (K, accumulation, micro_batch / processes)
+        return np.stack([process_slice(plan.indices(s), jax.process_index(), jax.process_count())
+                         for s in range(first, first + count)])
+
+    if on_device:  # the host sends only indices; the step gathers each device's part from its own copy
+        device_data = parallel.DeviceDataset(images, mesh, batch_axis=2)
+        step_inputs = (device_data.data,)
+        del images
+
+        def make_batch(first: int, count: int):
+            return device_data.indices(local_indices(first, count))
+    else:
+        step_inputs = ()
+
+        def make_batch(first: int, count: int):
+            return parallel.global_batch(images[local_indices(first, count)], mesh, batch_axis=2)
 
     prefetch = Prefetcher(make_batch, dispatches)
 
@@ -561,9 +625,9 @@ def _train(opts: TrainOptions, log) -> Path:
         for first, count in dispatches:
             batch = prefetch.get()
             if flops_per_step is None:  # XLA's count of the model's FLOPs, for the mfu log
-                cost = train_step.lower(state, batch).cost_analysis() or {}
+                cost = train_step.lower(state, batch, *step_inputs).cost_analysis() or {}
                 flops_per_step = float(cost.get("flops", 0.0)) / count
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, batch, *step_inputs)
             step = first + count
             pending.append(metrics)
             if compile_seconds is None:  # the first dispatch includes compilation: time it apart

@@ -194,12 +194,16 @@ def _unrolled_scan(body, carry, xs):
     return carry, stacked
 
 
-def make_train_step(graphdef, schedule: NoiseSchedule, config: StepConfig, mesh, seed: int):
+def make_train_step(graphdef, schedule: NoiseSchedule, config: StepConfig, mesh, seed: int, gather=None):
     """A jitted, data-parallel `step(state, images) -> (state, metrics)`.
 
     images: uint8 (K, accumulation, micro_batch, H, W, C) sharded over micro_batch; K > 1 runs
     K optimizer steps as one `lax.scan` (one dispatch). metrics are (K,) arrays: loss, lr,
     grad_norm, ema_decay. The state is donated.
+
+    With `gather(data, indices) -> images` (`parallel.gather_batch`) the step is
+    `step(state, indices, data)`: it takes int32 (K, accumulation, micro_batch) image indices and
+    the dataset already in device memory, and gathers the batch inside the same program.
     """
     tx = make_optimizer(config)
     schedule_fn = learning_rate_schedule(config)
@@ -257,7 +261,9 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: StepConfig, mesh,
             metrics["ema_decay"] = decay
         return TrainState(step, params, opt_state, ema), metrics
 
-    def steps(state: TrainState, images):
+    def steps(state: TrainState, images, data=None):
+        if gather is not None:
+            images = gather(data, images)
         return loop(one_step, state, images)
 
     state_sharding = replicated(mesh)

@@ -24,8 +24,11 @@ def free_port() -> int:
 
 def two_processes(config, out, *extra):
     port = free_port()
-    return [run_cli(flags(config, out, *extra, "--coordinator_address", f"localhost:{port}",
-                          "--num_processes", "2", "--process_id", str(rank), steps=STEPS), devices=2)
+    # the 1-process reference gathers batches on the host (auto, on CPUs); the 2-process runs keep the
+    # dataset in device memory: both data paths across devices and processes, and they must agree
+    return [run_cli(flags(config, out, *extra, "--dataset_on_device", "yes", "--coordinator_address",
+                          f"localhost:{port}", "--num_processes", "2", "--process_id", str(rank), steps=STEPS),
+                    devices=2)
             for rank in range(2)]
 
 
@@ -56,7 +59,7 @@ def test_two_processes_equal_one_process(runs):
     assert diff < 2e-4  # float rounding of the cross-process all-reduce, amplified by Adam (see test_training)
     losses = lambda run: [json.loads(line)["loss"] for line in (root / run / "metrics.jsonl").open()]  # noqa
     np.testing.assert_allclose(losses("single"), losses("multi"), rtol=1e-4)
-    assert "4 cpu device(s) in 2 process(es)" in logs[0]
+    assert "4 cpu device(s) in 2 process(es)" in logs[0] and "in device memory" in logs[0]
     assert logs[1].count("samples ->") == 0  # only process 0 writes images, metrics and the pipeline
 
 

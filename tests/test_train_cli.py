@@ -61,13 +61,30 @@ def test_sigkill_then_resume_equals_uninterrupted(finished_run, micro_config, tm
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log
     assert f"at step {max(steps_left)}" in log
-    reference, _ = finished_run
+    assert_same_run(finished_run[0], out)
+
+
+def assert_same_run(reference, out):
+    """Bit-for-bit the same final weights and the same logged losses."""
     name = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(str(reference / name)), load_file(str(out / name))
     for key in a:
         assert a[key].tobytes() == b[key].tobytes(), key
     losses = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa
     assert losses(reference) == losses(out)
+
+
+def test_dataset_on_device_is_the_same_run(finished_run, micro_config, tmp_path):
+    """The dataset kept in device memory, each batch gathered inside the train step from int32
+    indices, gives the run whose batches were gathered on the host and prefetched, bit for bit."""
+    reference, log = finished_run
+    assert "on the host (CPU devices share host memory" in log  # auto on CPU devices
+    out = tmp_path / "device"
+    process = run_cli(flags(micro_config, out, "--dataset_on_device", "yes"))
+    device_log, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, device_log
+    assert "in device memory" in device_log
+    assert_same_run(reference, out)
 
 
 def test_half_written_checkpoint_is_never_resumed(finished_run, tmp_path):

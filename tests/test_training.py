@@ -221,3 +221,39 @@ def test_loss_falls(micro_setup):
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     print(f"\nloss: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last < 0.6 * first
+
+
+# --------------------------------------------------------------------------- a dataset in device memory
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 2, 4)])  # (steps K, accumulation, micro_batch)
+def test_device_dataset_gathers_the_host_batch(shape):
+    """Batches gathered on the devices from the replicated dataset are the host's, bit for bit, and
+    each device holds only its slice of the micro-batch axis."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (37, 5, 6, 3), dtype=np.uint8)
+    mesh = parallel.make_mesh()
+    data = parallel.DeviceDataset(images, mesh, batch_axis=2)
+    assert all(shard.data.shape == images.shape for shard in data.data.addressable_shards)
+    indices = rng.integers(0, len(images), shape)
+    batch = data.batch(indices)
+    assert batch.dtype == np.uint8 and batch.shape == (*shape, 5, 6, 3)
+    np.testing.assert_array_equal(np.asarray(batch), images[indices])
+    for shard in batch.addressable_shards:
+        assert shard.data.shape[2] == shape[2] // len(jax.devices())
+        np.testing.assert_array_equal(np.asarray(shard.data), images[indices][shard.index])
+
+
+def test_dataset_placement_policy(monkeypatch):
+    from flaxdiff.trainer import OptionsError, dataset_placement
+    GiB = 2**30
+    monkeypatch.setattr(parallel, "device_memory_bytes", lambda: 16 * GiB)  # an accelerator with 16 GiB
+    assert dataset_placement("auto", 4 * GiB)[0] and not dataset_placement("auto", 5 * GiB)[0]
+    assert dataset_placement("yes", 10 * GiB)[0] and not dataset_placement("no", 1)[0]
+    with pytest.raises(OptionsError, match="--dataset_on_device no"):
+        dataset_placement("yes", 15 * GiB)
+    monkeypatch.setattr(parallel, "device_memory_bytes", lambda: None)  # CPU devices: copies in host memory
+    monkeypatch.setattr(parallel, "host_memory_bytes", lambda: 40 * GiB)
+    copies = len(jax.local_devices())
+    assert not dataset_placement("auto", 1)[0]
+    assert dataset_placement("yes", 30 * GiB // copies)[0]
+    with pytest.raises(OptionsError, match="host memory"):
+        dataset_placement("yes", 37 * GiB // copies)
