@@ -53,6 +53,16 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
+def per_device(tree):
+    """Inside shard_map: replicated values marked as varying over "data", one copy per device.
+
+    JAX differentiates a replicated input of a data-parallel computation by summing the
+    per-device gradients over the mesh. Marking the weights as per-device copies first gives each
+    device its own gradient, which the step then averages explicitly with `lax.pmean`.
+    """
+    return jax.lax.pcast(tree, AXIS, to="varying")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

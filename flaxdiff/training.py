@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from .parallel import AXIS, replicated
+from .parallel import AXIS, per_device, replicated
 from .schedule import NoiseSchedule, add_noise, get_velocity
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -214,6 +214,9 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: StepConfig, mesh,
     def local_loss_and_grads(params, x0, noise, timesteps, dropout_key):
         """Per device: loss and gradients of its slice, averaged over devices."""
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
+        # Differentiate per-device copies of the replicated weights: the gradient of a replicated
+        # (invariant) input would already be summed over devices, and pmean would leave that sum.
+        params = per_device(params)
 
         def loss_fn(p):
             model = nnx.merge(graphdef, p)

@@ -144,16 +144,20 @@ def micro_setup():
     return graphdef, nnx.to_pure_dict(params), images
 
 
-def run_steps(graphdef, params, images, devices, config, steps_per_dispatch=1):
-    """Train on `images` (steps, accumulation, batch, H, W, C); returns final params and losses."""
+def run_steps(graphdef, params, images, devices, config, steps_per_dispatch=1, grad_norms=False):
+    """Train on `images` (steps, accumulation, batch, H, W, C); returns final params and losses.
+    With `grad_norms=True`, also the gradient norm of each step."""
     mesh = parallel.make_mesh(devices)
     state = parallel.replicate(create_train_state(jax.tree.map(jnp.copy, params), config), mesh)
     step = make_train_step(graphdef, NoiseSchedule.from_config(), config, mesh, seed=5)
-    losses = []
+    losses, norms = [], []
     for first in range(0, len(images), steps_per_dispatch):
         batch = parallel.global_batch(images[first:first + steps_per_dispatch], mesh, batch_axis=2)
         state, metrics = step(state, batch)
         losses.extend(np.asarray(metrics["loss"]).tolist())
+        norms.extend(np.asarray(metrics["grad_norm"]).tolist())
+    if grad_norms:
+        return jax.tree.map(np.asarray, state), losses, norms
     return jax.tree.map(np.asarray, state), losses
 
 
@@ -172,12 +176,17 @@ def test_four_devices_equal_one_device(micro_setup):
     graphdef, params, images = micro_setup
     config = StepConfig(learning_rate=1e-3, lr_warmup_steps=0, total_steps=10, use_ema=True, random_flip=True)
     assert len(jax.devices()) == 4
-    one, losses_one = run_steps(graphdef, params, images[:, :1], jax.devices()[:1], config)
-    four, losses_four = run_steps(graphdef, params, images[:, :1], jax.devices(), config)
+    one, losses_one, norms_one = run_steps(graphdef, params, images[:, :1], jax.devices()[:1], config,
+                                           grad_norms=True)
+    four, losses_four, norms_four = run_steps(graphdef, params, images[:, :1], jax.devices(), config,
+                                              grad_norms=True)
     diff = max_param_difference(one.params, four.params)
     print(f"\n1 vs 4 devices after 3 steps: largest parameter difference {diff:.2e}, losses {losses_one} "
-          f"vs {losses_four}")
+          f"vs {losses_four}, gradient norms {norms_one} vs {norms_four}")
     np.testing.assert_allclose(losses_one, losses_four, rtol=1e-5)
+    # the gradient is the mean over the global batch, not a sum over devices (Adam would hide a
+    # factor of 4 in the weights; clipping and the logged grad_norm would not)
+    np.testing.assert_allclose(norms_one, norms_four, rtol=1e-4)
     assert diff < PARAM_TOLERANCE
     assert max_param_difference(one.ema_params, four.ema_params) < PARAM_TOLERANCE
 
@@ -199,7 +208,8 @@ def test_steps_per_dispatch_is_the_same_trajectory(micro_setup):
     """K steps in one dispatch follow K single steps. Not bit for bit: XLA compiles the K-step
     program as a whole and fuses across step boundaries, so float rounding differs (~1e-7)."""
     graphdef, params, images = micro_setup
-    config = StepConfig(learning_rate=1e-3, lr_warmup_steps=0, total_steps=10, use_ema=True)
+    # the config of test_four_devices_equal_one_device: its single-step program comes from the cache
+    config = StepConfig(learning_rate=1e-3, lr_warmup_steps=0, total_steps=10, use_ema=True, random_flip=True)
     single, losses_single = run_steps(graphdef, params, images[:, :1], jax.devices(), config)
     fused, losses_fused = run_steps(graphdef, params, images[:, :1], jax.devices(), config, steps_per_dispatch=3)
     diff = max_param_difference(single.params, fused.params)
