@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import ops
+
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 ACTIVATIONS = {
@@ -177,21 +179,16 @@ def conv(din: int, dout: int, kernel: int, rngs: nnx.Rngs, dtype, stride: int = 
 
 
 class GroupNorm(nnx.Module):
-    """torch.nn.GroupNorm on NHWC: statistics over (H, W, C/G) per group, biased variance, in float32."""
+    """torch.nn.GroupNorm on NHWC: statistics over (H, W, C/G) per group, biased variance, in float32.
+    `norm(x, act)` applies an activation after it (fused on CPUs, see `ops.group_norm`)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float):
         self.num_groups, self.eps = num_groups, eps
         self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
 
-    def __call__(self, x):
-        dtype = x.dtype
-        b, h, w, c = x.shape
-        g = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-        mean = g.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
-        g = (g - mean) * jax.lax.rsqrt(var + self.eps)
-        return (g.reshape(b, h, w, c) * self.scale[...] + self.bias[...]).astype(dtype)
+    def __call__(self, x, act=None):
+        return ops.group_norm(x, self.scale[...], self.bias[...], self.num_groups, self.eps, act)
 
 
 def _dropout(x, rate: float, key):
@@ -219,14 +216,13 @@ class ResnetBlock2D(nnx.Module):
                               if in_channels != out_channels else None)
 
     def __call__(self, x, temb, dropout_key=None):
-        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv1(self.norm1(x, self.act))
         temb = self.time_emb_proj(self.act(temb))[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(temb, 2, axis=-1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = self.act(self.norm2(h) * (1 + scale) + shift)
         else:
-            h = self.norm2(h + temb)
-        h = self.act(h)
+            h = self.norm2(h + temb, self.act)
         if dropout_key is not None:
             h = _dropout(h, self.dropout_rate, jax.random.fold_in(dropout_key, self.index))
         h = self.conv2(h)
@@ -281,23 +277,26 @@ class Attention(nnx.Module):
 
 
 class Downsample2D(nnx.Module):
+    """3x3 convolution, stride 2; diffusers pads the right and bottom only when padding is 0."""
+
     def __init__(self, channels, padding: int, *, rngs, dtype):
-        self.padding = padding
+        self.padding, self.dtype = padding, dtype
         self.conv = conv(channels, channels, 3, rngs, dtype, stride=2, padding=padding)
 
     def __call__(self, x):
-        if self.padding == 0:  # diffusers pads right and bottom only
-            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return self.conv(x)
+        return ops.downsample_conv(x.astype(self.dtype), self.conv.kernel[...], self.conv.bias[...], self.padding)
 
 
 class Upsample2D(nnx.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution (computed at the low resolution,
+    see `ops.upsample_conv`)."""
+
     def __init__(self, channels, *, rngs, dtype):
+        self.dtype = dtype
         self.conv = conv(channels, channels, 3, rngs, dtype)
 
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
-        return self.conv(x)
+        return ops.upsample_conv(x.astype(self.dtype), self.conv.kernel[...], self.conv.bias[...])
 
 
 class _Counter:
@@ -480,5 +479,5 @@ class UNet2D(nnx.Module):
             count = len(block.resnets)
             block_skips, skips = skips[-count:], skips[:-count]
             x = self._call_block(block, x, block_skips, emb, dropout_key)
-        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        x = self.conv_out(self.conv_norm_out(x, jax.nn.silu))
         return x.astype(jnp.float32)

@@ -1,0 +1,221 @@
+"""The UNet's layers that XLA:CPU runs badly when written the obvious way, rewritten with the same math.
+
+Each function here equals its textbook form to float rounding (the tests compare values and
+gradients), and `unet.py` uses them for every forward and backward pass:
+
+* `upsample_conv`: diffusers' Upsample2D, a 3x3 convolution of the nearest-neighbour 2x upsampled
+  input. Upsampling repeats each pixel 2x2, so each of the four output phases sees only a 2x2
+  neighbourhood of the *low-resolution* input, through 3x3 weights folded (summed) into 2x2 ones.
+  One 2x2 convolution at the low resolution with 4x the output channels, then an interleave:
+  2.25x fewer FLOPs, and the 4x larger upsampled tensor is never built (nor kept for the
+  backward pass). Used on every backend.
+* `group_norm` (CPU only): torch.nn.GroupNorm with its activation fused, with a hand-written
+  backward pass whose per-channel sums are matrix-vector products (library GEMV calls on XLA:CPU)
+  instead of the strided reductions XLA:CPU emits for the autodiff version.
+* `downsample_conv` (CPU only): the stride-2 3x3 convolution of Downsample2D, whose input gradient
+  XLA:CPU computes as an lhs-dilated convolution through a slow generic kernel; here the input
+  gradient is that of the same convolution written as a stride-1 2x2 convolution over the
+  space-to-depth input (a fast kernel).
+
+TPUs and GPUs keep the plain formulations of the last two (their compilers handle them well).
+`benchmarks/bench_speed.py` measures the effect; the README's speed section has the figures.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# None: the CPU formulations on the CPU backend only. Tests set True / False to check both paths.
+CPU_KERNELS: bool | None = None
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _use_cpu_kernels() -> bool:
+    return jax.default_backend() == "cpu" if CPU_KERNELS is None else CPU_KERNELS
+
+
+def _varying_axes(x) -> frozenset:
+    """The shard_map mesh axes along which x varies (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _vary_like(param, x):
+    """A replicated parameter marked as varying like x, so a custom_vjp may return its cotangent
+    computed from x's per-device data inside shard_map (JAX inserts the psum when it transposes
+    the cast, exactly as it does for built-in primitives)."""
+    axes = tuple(sorted(_varying_axes(x) - _varying_axes(param)))
+    return jax.lax.pcast(param, axes, to="varying") if axes else param
+
+
+def _conv(x, kernel, strides=(1, 1), padding=((1, 1), (1, 1))):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+# --------------------------------------------------------------------------- group norm
+def group_norm(x, scale, bias, num_groups: int, eps: float, act=None):
+    """act(torch.nn.GroupNorm(x)) on NHWC: biased variance over (H, W, C / G), statistics in float32."""
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    if _use_cpu_kernels():
+        batch, channels = x.shape[0], x.shape[-1]
+        gamma = jnp.broadcast_to(_vary_like(scale, xf), (batch, channels))
+        beta = jnp.broadcast_to(_vary_like(bias, xf), (batch, channels))
+        y = _group_norm_act(xf, gamma, beta, num_groups, eps, act)
+    else:
+        b, h, w, c = x.shape
+        g = xf.reshape(b, h, w, num_groups, c // num_groups)
+        mean = g.mean(axis=(1, 2, 4), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+        y = y if act is None else act(y)
+    return y.astype(dtype)
+
+
+def _sum_hw(x):
+    """(B, H, W, C) -> (B, C) sums over H and W, as a batched product with ones (a GEMV on CPU)."""
+    ones = jnp.ones(x.shape[:-1], x.dtype)
+    return jax.lax.dot_general(ones, x, (((1, 2), (1, 2)), ((0,), (0,))))
+
+
+def _group_sum(per_channel, num_groups: int):
+    """(B, C) -> (B, C): each channel's value replaced by the sum over its group."""
+    b, c = per_channel.shape
+    sums = per_channel.reshape(b, num_groups, c // num_groups).sum(-1)
+    return jnp.repeat(sums, c // num_groups, axis=-1)
+
+
+def _bc(v):  # (B, C) -> (B, 1, 1, C)
+    return v[:, None, None, :]
+
+
+def _statistics(x, num_groups: int, eps: float):
+    """Per (sample, channel): the group's mean and 1/std, two-pass like torch (no E[x^2] - E[x]^2)."""
+    _, h, w, c = x.shape
+    count = h * w * (c // num_groups)
+    mean = _group_sum(_sum_hw(x), num_groups) / count
+    centred = x - _bc(mean)
+    var = _group_sum(_sum_hw(centred * centred), num_groups) / count
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def _normalise(x, mean, rstd, gamma, beta):
+    a = gamma * rstd  # y = (x - mean) * rstd * gamma + beta, as one multiply-add per element
+    return x * _bc(a) + _bc(beta - mean * a)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm_act(x, gamma, beta, num_groups, eps, act):
+    return _group_norm_act_fwd(x, gamma, beta, num_groups, eps, act)[0]
+
+
+def _group_norm_act_fwd(x, gamma, beta, num_groups, eps, act):
+    mean, rstd = _statistics(x, num_groups, eps)
+    y = _normalise(x, mean, rstd, gamma, beta)
+    return (y if act is None else act(y)), (x, mean, rstd, gamma, beta)
+
+
+def _group_norm_act_bwd(num_groups, eps, act, residuals, d_out):
+    """The group-norm gradient (e.g. Wu & He 2018's batch-norm derivation, per group):
+    dx = rstd * (dy * gamma - mean_g(dy * gamma) - xhat * mean_g(dy * gamma * xhat)).
+    The activation's input is recomputed rather than kept from the forward pass."""
+    x, mean, rstd, gamma, beta = residuals
+    _, h, w, c = x.shape
+    count = h * w * (c // num_groups)
+    if act is None:
+        dy = d_out
+    else:
+        _, act_vjp = jax.vjp(act, _normalise(x, mean, rstd, gamma, beta))
+        dy = act_vjp(d_out)[0]
+    xhat = (x - _bc(mean)) * _bc(rstd)
+    sum_dy = _sum_hw(dy)  # (B, C): also the gradient of beta
+    sum_dy_xhat = _sum_hw(dy * xhat)  # (B, C): also the gradient of gamma
+    mean_dxhat = _group_sum(sum_dy * gamma, num_groups) / count
+    mean_dxhat_xhat = _group_sum(sum_dy_xhat * gamma, num_groups) / count
+    dx = _bc(rstd) * (dy * _bc(gamma) - _bc(mean_dxhat) - xhat * _bc(mean_dxhat_xhat))
+    return dx, sum_dy_xhat, sum_dy
+
+
+_group_norm_act.defvjp(_group_norm_act_fwd, _group_norm_act_bwd)
+
+
+# --------------------------------------------------------------------------- upsample + conv
+# Nearest 2x upsampling, then a 3x3 convolution (padding 1): output row 2i + a reads upsampled rows
+# 2i + a - 1 .. 2i + a + 1, i.e. input rows i - 1, i, i (a = 0) or i, i, i + 1 (a = 1). So phase a
+# sees two input rows, the first through kernel rows _FOLD[a][0], the second through _FOLD[a][1];
+# the same holds for columns.
+_FOLD = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def _folded_kernel(kernel):
+    """(3, 3, C, D) -> (2, 2, C, 4D): the 2x2 kernels of the four output phases, phase-major."""
+    phases = []
+    for a in range(2):
+        rows = [sum(kernel[i] for i in _FOLD[a][t]) for t in range(2)]  # 2 x (3, C, D)
+        for b in range(2):
+            taps = [[sum(row[j] for j in _FOLD[b][s]) for s in range(2)] for row in rows]
+            phases.append(jnp.stack([jnp.stack(pair) for pair in taps]))  # (2, 2, C, D)
+    return jnp.concatenate(phases, axis=-1)
+
+
+def upsample_conv(x, kernel, bias):
+    """conv3x3(nearest_upsample_2x(x)) + bias (padding 1), computed at x's resolution; NHWC, HWIO."""
+    b, h, w, _ = x.shape
+    d = kernel.shape[-1]
+    folded = _folded_kernel(kernel.astype(jnp.float32)).astype(x.dtype)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    phases = _conv(padded, folded, padding="VALID").reshape(b, h + 1, w + 1, 2, 2, d)  # (B, H+1, W+1, a, b, D)
+    # phase (a, b) of output pixel (i, j) is at phases[:, i + a, j + b, a, b]
+    rows = [jnp.stack([phases[:, a:a + h, c:c + w, a, c] for c in range(2)], axis=3) for a in range(2)]
+    y = jnp.stack(rows, axis=2)  # (B, H, 2, W, 2, D)
+    return y.reshape(b, 2 * h, 2 * w, d) + bias.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- strided conv
+def downsample_conv(x, kernel, bias, padding: int):
+    """diffusers Downsample2D's 3x3 stride-2 convolution: padding 1 on every side, or (padding 0)
+    one zero row and column after the input."""
+    kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
+    if not _use_cpu_kernels():
+        return _strided_conv(x, kernel, padding) + bias
+    return _downsample_cpu(x, _vary_like(kernel, x), _vary_like(bias, x), padding)
+
+
+def _strided_conv(x, kernel, padding: int):
+    return _conv(x, kernel, (2, 2), ((padding, 1), (padding, 1)))
+
+
+def _space_to_depth_conv(x, kernel, padding: int):
+    """The same convolution as a stride-1 2x2 convolution over the space-to-depth padded input
+    (the kernel's missing fourth row and column are zeros)."""
+    b, h, w, c = x.shape
+    d = kernel.shape[-1]
+    padded = jnp.pad(x, ((0, 0), (padding, 2 - padding), (padding, 2 - padding), (0, 0)))  # even size
+    hs, ws = (h + 2) // 2, (w + 2) // 2
+    s2d = padded.reshape(b, hs, 2, ws, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hs, ws, 4 * c)
+    k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0))).reshape(2, 2, 2, 2, c, d)
+    k = k.transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, d)  # [ty, tx, (a, b, c), d]
+    return _conv(s2d, k, padding="VALID")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _downsample_cpu(x, kernel, bias, padding):
+    return _strided_conv(x, kernel, padding) + bias
+
+
+def _downsample_cpu_fwd(x, kernel, bias, padding):
+    return _strided_conv(x, kernel, padding) + bias, (x, kernel)
+
+
+def _downsample_cpu_bwd(padding, residuals, g):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: _space_to_depth_conv(x, kernel, padding), x)[1](g)[0]
+    dkernel = jax.vjp(lambda k: _strided_conv(x, k, padding), kernel)[1](g)[0]
+    return dx, dkernel, g.sum(axis=(0, 1, 2))
+
+
+_downsample_cpu.defvjp(_downsample_cpu_fwd, _downsample_cpu_bwd)

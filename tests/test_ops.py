@@ -1,0 +1,157 @@
+"""flaxdiff.ops (the UNet's CPU-friendly layers) against the textbook formulas they replace:
+values and gradients, every backend path, inside shard_map too."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from flaxdiff import ops, parallel
+from flaxdiff.unet import ACTIVATIONS
+
+
+def _conv(x, w, strides=(1, 1), padding=((1, 1), (1, 1))):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision="highest")
+
+
+def reference_group_norm(x, scale, bias, groups, eps, act):
+    """torch.nn.GroupNorm written out in float64 numpy-style jnp (the test's own formula)."""
+    b, h, w, c = x.shape
+    g = x.reshape(b, h, w, groups, c // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+    y = ((g - mean) / jnp.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+    return y if act is None else act(y)
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.fixture(params=[True, False], ids=["cpu-kernels", "plain"])
+def kernels(request, monkeypatch):
+    monkeypatch.setattr(ops, "CPU_KERNELS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("shape, groups, act", [((2, 8, 8, 32), 8, None), ((3, 4, 6, 48), 16, "silu"),
+                                                ((2, 5, 5, 12), 3, "mish"), ((1, 4, 4, 64), 32, "gelu")])
+def test_group_norm_values_and_gradients(kernels, shape, groups, act):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape) * 3 + 1.5  # an offset mean: a one-pass variance would lose digits
+    scale = rng.uniform(0.5, 1.5, shape[-1])
+    bias = rng.standard_normal(shape[-1])
+    weights = rng.standard_normal(shape)  # a loss that weights every output differently
+    fn = ACTIVATIONS[act] if act else None
+
+    def loss(f, x, s, b):
+        return jnp.sum(f(x, s, b) * weights)
+
+    ours = lambda x, s, b: ops.group_norm(x, s, b, groups, 1e-5, fn)
+    with jax.enable_x64():
+        ref = lambda x, s, b: reference_group_norm(x, s, b, groups, 1e-5, fn)
+        args64 = [jnp.asarray(a, jnp.float64) for a in (x, scale, bias)]
+        want = ref(*args64)
+        want_grads = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(*args64)
+        want, want_grads = np.asarray(want), [np.asarray(g) for g in want_grads]
+    args = [jnp.asarray(a, jnp.float32) for a in (x, scale, bias)]
+    got = jax.jit(ours)(*args)
+    got_grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(*args)
+    assert got.dtype == jnp.float32
+    assert relative_error(got, want) < 2e-6
+    for name, g, w in zip(("x", "scale", "bias"), got_grads, want_grads):
+        assert relative_error(g, w) < 2e-5, name
+
+
+def test_group_norm_keeps_bfloat16(kernels):
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 4, 16)), jnp.bfloat16)
+    y = ops.group_norm(x, jnp.ones(16), jnp.zeros(16), 4, 1e-5, jax.nn.silu)
+    assert y.dtype == jnp.bfloat16
+    ref = jax.nn.silu(reference_group_norm(x.astype(jnp.float32), 1.0, 0.0, 4, 1e-5, None))
+    assert relative_error(y.astype(jnp.float32), ref) < 1e-2
+    grad = jax.grad(lambda x: jnp.sum(ops.group_norm(x, jnp.ones(16), jnp.zeros(16), 4, 1e-5, None)
+                                      .astype(jnp.float32) ** 2))(x)
+    assert grad.dtype == jnp.bfloat16
+
+
+def test_custom_gradients_inside_shard_map(kernels):
+    """The hand-written backward passes inside the data-parallel step: parameter gradients of the
+    per-device slices, averaged with pmean, equal the gradients of the whole batch."""
+    mesh = parallel.make_mesh()
+    devices = mesh.devices.size
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2 * devices, 8, 8, 16)), jnp.float32)
+    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 16), jnp.float32),
+              "bias": jnp.asarray(rng.standard_normal(16), jnp.float32),
+              "down": jnp.asarray(rng.standard_normal((3, 3, 16, 16)) * 0.1, jnp.float32),
+              "down_bias": jnp.asarray(rng.standard_normal(16), jnp.float32),
+              "up": jnp.asarray(rng.standard_normal((3, 3, 16, 8)) * 0.1, jnp.float32),
+              "up_bias": jnp.asarray(rng.standard_normal(8), jnp.float32)}
+
+    def loss(p, x):
+        h = ops.group_norm(x, p["scale"], p["bias"], 4, 1e-5, jax.nn.silu)
+        h = ops.downsample_conv(h, p["down"], p["down_bias"], 1)
+        return jnp.mean(ops.upsample_conv(h, p["up"], p["up_bias"]) ** 2)
+
+    def local(p, x):  # as the train step does it
+        value, grads = jax.value_and_grad(loss)(parallel.per_device(p), x)
+        return jax.lax.pmean(value, parallel.AXIS), jax.lax.pmean(grads, parallel.AXIS)
+
+    def summed(p, x):  # replicated weights, differentiated as they are: JAX sums over devices
+        return jax.grad(loss)(p, x)
+
+    specs = dict(mesh=mesh, in_specs=(P(), P(parallel.AXIS)))
+    args = parallel.replicate(params, mesh), parallel.global_batch(np.asarray(x), mesh, 0)
+    value, grads = jax.jit(jax.shard_map(local, out_specs=(P(), P()), **specs))(*args)
+    sums = jax.jit(jax.shard_map(summed, out_specs=P(), **specs))(*args)
+    want_value, want_grads = jax.jit(jax.value_and_grad(loss))(params, x)
+    assert relative_error(value, want_value) < 1e-5
+    for name in params:
+        assert relative_error(grads[name], want_grads[name]) < 1e-4, name
+        assert relative_error(sums[name], devices * want_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("shape, out_channels", [((2, 4, 4, 8), 8), ((1, 3, 5, 6), 10), ((2, 1, 1, 4), 4)])
+def test_upsample_conv_is_conv_of_the_upsampled_input(shape, out_channels):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], out_channels)) * 0.3, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(out_channels), jnp.float32)
+
+    def reference(x, w, b):
+        return _conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), w) + b
+
+    weights = jnp.asarray(rng.standard_normal((shape[0], 2 * shape[1], 2 * shape[2], out_channels)), jnp.float32)
+    got, want = jax.jit(ops.upsample_conv)(x, w, b), reference(x, w, b)
+    assert got.shape == want.shape
+    assert relative_error(got, want) < 2e-6
+    grads = jax.grad(lambda *a: jnp.sum(ops.upsample_conv(*a) * weights), argnums=(0, 1, 2))(x, w, b)
+    want_grads = jax.grad(lambda *a: jnp.sum(reference(*a) * weights), argnums=(0, 1, 2))(x, w, b)
+    for name, g, r in zip(("x", "kernel", "bias"), grads, want_grads):
+        assert relative_error(g, r) < 2e-6, name
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 6), (1, 6, 10, 4)])
+def test_downsample_conv_values_and_gradients(kernels, padding, shape):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 5)) * 0.3, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(5), jnp.float32)
+
+    def reference(x, w, b):  # diffusers: F.pad(x, (0, 1, 0, 1)) then conv(padding=0), or conv(padding=1)
+        if padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return _conv(x, w, (2, 2), ((padding, padding), (padding, padding))) + b
+
+    ours = lambda x, w, b: ops.downsample_conv(x, w, b, padding)
+    want = reference(x, w, b)
+    weights = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    assert relative_error(jax.jit(ours)(x, w, b), want) < 2e-6
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * weights), argnums=(0, 1, 2)))(x, w, b)
+    want_grads = jax.grad(lambda *a: jnp.sum(reference(*a) * weights), argnums=(0, 1, 2))(x, w, b)
+    for name, g, r in zip(("x", "kernel", "bias"), grads, want_grads):
+        assert relative_error(g, r) < 2e-6, name
