@@ -13,9 +13,14 @@ devices; the same --seed gives the same images on the same machine.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # before JAX is imported: see flaxdiff/host.py
+    from flaxdiff.host import restart_with_malloc_tuning
+    restart_with_malloc_tuning()
+
 import argparse
 import math
-import sys
 from pathlib import Path
 
 from flaxdiff.cli import report_errors

@@ -12,9 +12,14 @@ checkpoints/, samples/, metrics.jsonl and loss_curve.png.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # before JAX is imported: see flaxdiff/host.py
+    from flaxdiff.host import restart_with_malloc_tuning
+    restart_with_malloc_tuning()
+
 import argparse
 import dataclasses
-import sys
 
 from flaxdiff.cli import report_errors
 from flaxdiff.trainer import TrainOptions, train

@@ -1,11 +1,33 @@
-"""flaxdiff: DDPM-family diffusion models in JAX/Flax NNX, number-for-number compatible with diffusers."""
+"""flaxdiff: DDPM-family diffusion models in JAX/Flax NNX, number-for-number compatible with diffusers.
+
+The public names are imported on first use, so `import flaxdiff` (and the CLIs' `--help`) does not
+load JAX; the XLA flags below are set before anything can.
+"""
+
+import importlib
 
 from . import _xla_flags  # noqa: F401  (must run before JAX initialises its backends)
 
-from .unet import UNet2D, UNet2DConfig
-from .schedule import NoiseSchedule, add_noise, get_velocity, to_x0_eps, training_target
-from .pipeline import DiffusionPipeline
-from .samplers import (DDIMSampler, DDPMSampler, DPMSolverMultistepSampler, Plan, make_sample_fn,
-                       make_sampler, sample_loop)
-
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "UNet2D": "unet", "UNet2DConfig": "unet",
+    "NoiseSchedule": "schedule", "add_noise": "schedule", "get_velocity": "schedule", "to_x0_eps": "schedule",
+    "training_target": "schedule",
+    "DiffusionPipeline": "pipeline",
+    "DDIMSampler": "samplers", "DDPMSampler": "samplers", "DPMSolverMultistepSampler": "samplers", "Plan": "samplers",
+    "make_sample_fn": "samplers", "make_sampler": "samplers", "sample_loop": "samplers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flaxdiff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .host import release_free_memory
 from .hub import check_hub_access, model_card, push_to_hub
 from .data import BUILTIN, BatchPlan, DataSpec, image_grid, load_images, process_slice, \
     resolve_dataset_name
@@ -634,6 +635,7 @@ def _train(opts: TrainOptions, log) -> Path:
                 jax.block_until_ready(state.step)
                 compile_seconds = time.perf_counter() - start_time
                 bar.write(f"compiled and ran the first step in {compile_seconds:.1f}s") if is_main else None
+                release_free_memory()  # the compiler's freed working memory, back to the OS
                 meter.start()
             else:
                 meter.add(count * plan.step_size)

@@ -1,0 +1,39 @@
+"""flaxdiff.host: the command-line tools restart once with glibc's huge-page malloc tunable."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flaxdiff import host
+
+pytestmark = pytest.mark.skipif(not host.wants_restart({}), reason="needs Linux with glibc 2.35 or newer")
+
+PROBE = ("from flaxdiff.host import restart_with_malloc_tuning; restart_with_malloc_tuning(); "
+         "import json, os, sys; print(json.dumps([os.environ.get('GLIBC_TUNABLES'), os.getpid(), sys.argv[1:]]))")
+
+
+def probe(env_changes):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FLAXDIFF_MALLOC_TUNING")}
+    env.update(env_changes)
+    process = subprocess.Popen([sys.executable, "-c", PROBE, "an argument"], env=env, stdout=subprocess.PIPE,
+                               text=True)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    tunables, pid, argv = json.loads(out)
+    return tunables, pid, argv, process.pid
+
+
+def test_restarts_once_with_the_tunable_same_pid_and_arguments():
+    tunables, pid, argv, started = probe({})
+    assert tunables == host.TUNABLE
+    assert pid == started  # exec, not a child process: signals and `kill` reach the real run
+    assert argv == ["an argument"]
+
+
+def test_keeps_the_users_tunables_and_can_be_turned_off():
+    assert probe({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})[0] == f"glibc.malloc.arena_max=2:{host.TUNABLE}"
+    assert probe({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})[0] == "glibc.malloc.hugetlb=0"  # the user's choice
+    assert probe({"FLAXDIFF_MALLOC_TUNING": "0"})[0] is None
