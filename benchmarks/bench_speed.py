@@ -1,13 +1,18 @@
 """flaxdiff against PyTorch diffusers, in one run on this machine: training images/s, sampling
 UNet evaluations/s, compile times, peak memory and FLOPs.
 
-    python benchmarks/bench_speed.py                 # the course UNet, 32 px (about 13 minutes on 2 CPU cores)
-    python benchmarks/bench_speed.py --quick         # fewer steps: a smoke run of the same table
+    python benchmarks/bench_speed.py                 # the course UNet, 32 px (about 15 minutes on 2 CPU cores)
+    python benchmarks/bench_speed.py --quick         # fewer steps and rounds: a smoke run of the same table
 
-Every measurement runs in a fresh subprocess, so each peak resident memory is that job's own.
-Both sides use the same UNet config, batch and float32 weights; torch with its default threads,
-JAX on its default backend. Compile time is reported apart from steady-state speed.
-Results go to stdout (a markdown table) and benchmarks/results/speed.json.
+Every measurement runs in a fresh subprocess, so each peak resident memory is that job's own, and
+the two frameworks take turns for --rounds rounds; the table gives the median of the rounds (this
+machine's speed varies by several percent from one minute to the next). Both sides use the same
+UNet config, batch and float32 weights; torch with its default threads, JAX on its default
+backend. flaxdiff runs as train.py runs it: with glibc's huge-page malloc tunable, which train.py
+sets for itself (flaxdiff/host.py); diffusers runs as `python train_unconditional.py` does,
+without it, and once more with it, so its effect on torch is in the table too. Compile time is
+reported apart from steady-state speed. Results go to stdout (a markdown table) and
+benchmarks/results/speed.json.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -34,38 +40,58 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def textbook_upsample_conv(x, kernel, bias):
+    """Upsample2D as diffusers computes it (upsample, then the 3x3 convolution): only for counting
+    the textbook model's FLOPs, which flaxdiff's low-resolution form (flaxdiff/ops.py) lowers."""
+    import jax
+    import jax.numpy as jnp
+
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return jax.lax.conv_general_dilated(up, kernel.astype(x.dtype), (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias.astype(x.dtype)
+
+
 # --------------------------------------------------------------------------- workers (one per subprocess)
 def flax_train(batch: int, steps: int) -> dict:
     import numpy as np
     import jax
     from flax import nnx
 
-    from flaxdiff import parallel
+    from flaxdiff import ops, parallel
+    from flaxdiff.host import release_free_memory
     from flaxdiff.schedule import NoiseSchedule
     from flaxdiff.training import StepConfig, create_train_state, make_train_step
     from flaxdiff.unet import UNet2D
 
-    model = UNet2D(COURSE, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(UNet2D(COURSE, rngs=nnx.Rngs(0)))
     mesh = parallel.make_mesh()
     config = StepConfig(total_steps=1000, lr_warmup_steps=0)
     state = parallel.replicate(create_train_state(nnx.to_pure_dict(params), config), mesh)
-    step = make_train_step(graphdef, NoiseSchedule.from_config(), config, mesh, seed=0)
+    del params
     images = np.random.default_rng(0).integers(0, 256, (1, 1, batch, 32, 32, 3), dtype=np.uint8)
     batch_array = parallel.global_batch(images, mesh, batch_axis=2)
+    fast_upsample, ops.upsample_conv = ops.upsample_conv, textbook_upsample_conv
+    textbook = make_train_step(graphdef, NoiseSchedule.from_config(), config, mesh, seed=0)
+    model_flops = textbook.lower(state, batch_array).cost_analysis()["flops"]
+    ops.upsample_conv = fast_upsample
+    step = make_train_step(graphdef, NoiseSchedule.from_config(), config, mesh, seed=0)
     start = time.perf_counter()
     compiled = step.lower(state, batch_array).compile()
     compile_seconds = time.perf_counter() - start
+    release_free_memory()  # as train.py does after compiling
     flops = compiled.cost_analysis()["flops"]
-    state, metrics = step(state, batch_array)  # warm-up
+    state, metrics = compiled(state, batch_array)  # warm-up
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
+    seconds = []
     for _ in range(steps):
-        state, metrics = step(state, batch_array)
-    jax.block_until_ready(metrics)
-    seconds = time.perf_counter() - start
-    return {"images_per_sec": batch * steps / seconds, "compile_seconds": compile_seconds,
-            "flops_per_image": flops / batch, "flops_per_sec": flops * steps / seconds, "peak_rss_mb": peak_rss_mb()}
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch_array)
+        jax.block_until_ready(metrics)
+        seconds.append(time.perf_counter() - start)
+    per_step = statistics.median(seconds)
+    return {"images_per_sec": batch / per_step, "compile_seconds": compile_seconds,
+            "flops_per_image": flops / batch, "model_flops_per_image": model_flops / batch,
+            "peak_rss_mb": peak_rss_mb(), "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20}
 
 
 def torch_train(batch: int, steps: int) -> dict:
@@ -90,11 +116,13 @@ def torch_train(batch: int, steps: int) -> dict:
         optimizer.zero_grad()
 
     one_step()  # warm-up
-    start = time.perf_counter()
+    seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         one_step()
-    seconds = time.perf_counter() - start
-    return {"images_per_sec": batch * steps / seconds, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+        seconds.append(time.perf_counter() - start)
+    return {"images_per_sec": batch / statistics.median(seconds), "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads()}
 
 
 def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = ()) -> dict:
@@ -149,36 +177,54 @@ WORKERS = {"flax_train": flax_train, "torch_train": torch_train, "flax_sample": 
 
 
 # --------------------------------------------------------------------------- the driver
-def run_worker(name: str, **kwargs) -> dict:
+def run_worker(name: str, tuned: bool, **kwargs) -> dict:
+    """One measurement in a fresh process; `tuned`: with glibc's huge-page malloc tunable."""
+    from flaxdiff.host import TUNABLE
+
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tuned:
+        env["GLIBC_TUNABLES"] = TUNABLE
     command = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
-    print(f"  running {name} {kwargs} ...", file=sys.stderr, flush=True)
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ).stdout
+    print(f"  running {name}{' (malloc tunable)' if tuned else ''} {kwargs} ...", file=sys.stderr, flush=True)
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", set()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    if "avx512_bf16" in flags:
+        isa += " with BF16"
     import jax
     import torch
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()}; jax {jax.__version__} "
+    return (f"{cpu} ({isa}), {os.cpu_count()} cores, {platform.system()}; jax {jax.__version__} "
             f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def median_of(rounds: list[dict]) -> dict:
+    """Per key, the median over rounds (the rounds themselves kept for the JSON)."""
+    keys = [k for k in rounds[0] if isinstance(rounds[0][k], (int, float))]
+    return {**{k: statistics.median(r[k] for r in rounds) for k in keys}, "rounds": rounds}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="fewer steps: a smoke run of the same table")
-    parser.add_argument("--ddpm_run_steps", type=int, default=200, help="DDPM steps timed for evals/s (the "
-                        "rate does not depend on the count; the 1000-step program's compile time is measured "
-                        "either way)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and one round: a smoke run of the table")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per framework, taking turns; the "
+                        "table reports the medians (default: 3)")
+    parser.add_argument("--train_steps", type=int, default=6, help="timed training steps per round (default: 6)")
+    parser.add_argument("--ddpm_steps", type=int, default=1000, help="DDPM sampling steps, timed once per "
+                        "framework (default: 1000; the 50- and 1000-step compile times are measured either way)")
     parser.add_argument("--train_batch", type=int, default=64)
     parser.add_argument("--sample_batch", type=int, default=16)
     parser.add_argument("--output", default=str(HERE / "results" / "speed.json"))
@@ -187,16 +233,21 @@ def main() -> int:
         print(json.dumps(WORKERS[args.worker](**json.loads(args.kwargs))))
         return 0
 
-    train_steps = 2 if args.quick else 5
-    ddpm_steps = 20 if args.quick else args.ddpm_run_steps
-    r = {"machine": machine(), "config": "course UNet (64, 128, 128, 256), 32x32, float32"}
-    r["flax_train"] = run_worker("flax_train", batch=args.train_batch, steps=train_steps)
-    r["torch_train"] = run_worker("torch_train", batch=args.train_batch, steps=train_steps)
-    for sampler, steps in (("ddim", 50), ("ddpm", ddpm_steps)):
-        r[f"flax_{sampler}"] = run_worker("flax_sample", sampler=sampler, steps=steps, batch=args.sample_batch,
-                                          compile_only=(50, 1000) if sampler == "ddpm" else ())
-        r[f"torch_{sampler}"] = run_worker("torch_sample", sampler=sampler, steps=steps, batch=args.sample_batch)
-    r["ddpm_steps"] = ddpm_steps
+    rounds = 1 if args.quick else args.rounds
+    train_steps = 2 if args.quick else args.train_steps
+    ddpm_steps = 20 if args.quick else args.ddpm_steps
+    runs = {name: [] for name in ("flax_train", "torch_train", "torch_train_tuned", "flax_ddim", "torch_ddim")}
+    for _ in range(rounds):
+        runs["flax_train"].append(run_worker("flax_train", True, batch=args.train_batch, steps=train_steps))
+        runs["torch_train"].append(run_worker("torch_train", False, batch=args.train_batch, steps=train_steps))
+        runs["torch_train_tuned"].append(run_worker("torch_train", True, batch=args.train_batch, steps=train_steps))
+        runs["flax_ddim"].append(run_worker("flax_sample", True, sampler="ddim", steps=50, batch=args.sample_batch))
+        runs["torch_ddim"].append(run_worker("torch_sample", False, sampler="ddim", steps=50, batch=args.sample_batch))
+    r = {"machine": machine(), "config": "course UNet (64, 128, 128, 256), 32x32, float32", "ddpm_steps": ddpm_steps,
+         **{name: median_of(values) for name, values in runs.items()}}
+    r["flax_ddpm"] = run_worker("flax_sample", True, sampler="ddpm", steps=ddpm_steps, batch=args.sample_batch,
+                                compile_only=(50, 1000))
+    r["torch_ddpm"] = run_worker("torch_sample", False, sampler="ddpm", steps=ddpm_steps, batch=args.sample_batch)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(r, indent=2) + "\n")
     print(table(r))
@@ -204,27 +255,31 @@ def main() -> int:
 
 
 def table(r: dict) -> str:
-    ft, tt = r["flax_train"], r["torch_train"]
-    rows = [f"Machine: {r['machine']}. Model: {r['config']}.", "",
-            "| measure | flaxdiff (JAX) | diffusers (PyTorch) | ratio |", "| --- | --- | --- | --- |",
+    ft, tt, tu, fd = r["flax_train"], r["torch_train"], r["torch_train_tuned"], r["flax_ddpm"]
+    model_flops = ft["model_flops_per_image"]
+    rows = [f"Machine: {r['machine']}. Model: {r['config']}. Medians of {len(ft['rounds'])} alternating rounds.",
+            "", "| measure | flaxdiff (JAX) | diffusers (PyTorch) | ratio |", "| --- | --- | --- | --- |",
             f"| training images/s (batch 64) | {ft['images_per_sec']:.2f} | {tt['images_per_sec']:.2f} | "
-            f"{ft['images_per_sec'] / tt['images_per_sec']:.2f}x |"]
+            f"{ft['images_per_sec'] / tt['images_per_sec']:.2f}x |",
+            f"| training images/s, diffusers with the same malloc tunable | {ft['images_per_sec']:.2f} | "
+            f"{tu['images_per_sec']:.2f} | {ft['images_per_sec'] / tu['images_per_sec']:.2f}x |"]
     for sampler, label in (("ddim", "DDIM 50 steps"), ("ddpm", f"DDPM {r['ddpm_steps']} steps")):
         f, t = r[f"flax_{sampler}"], r[f"torch_{sampler}"]
         rows.append(f"| sampling UNet evals/s, {label} (batch 16) | {f['evals_per_sec']:.1f} | "
                     f"{t['evals_per_sec']:.1f} | {f['evals_per_sec'] / t['evals_per_sec']:.2f}x |")
     rows += [f"| train-step compile (s) | {ft['compile_seconds']:.1f} | - | |",
-             f"| sampler compile, DDPM 50 / 1000 steps (s) | {r['flax_ddpm']['compile_seconds_50']:.1f} / "
-             f"{r['flax_ddpm']['compile_seconds_1000']:.1f} | - | "
-             f"{r['flax_ddpm']['compile_seconds_1000'] / r['flax_ddpm']['compile_seconds_50']:.2f}x |",
+             f"| sampler compile, DDPM 50 / 1000 steps (s) | {fd['compile_seconds_50']:.1f} / "
+             f"{fd['compile_seconds_1000']:.1f} | - | {fd['compile_seconds_1000'] / fd['compile_seconds_50']:.2f}x |",
              f"| peak RSS, training (MB) | {ft['peak_rss_mb']:.0f} | {tt['peak_rss_mb']:.0f} | "
              f"{ft['peak_rss_mb'] / tt['peak_rss_mb']:.2f}x |",
-             f"| peak RSS, DDPM sampling (MB) | {r['flax_ddpm']['peak_rss_mb']:.0f} | "
-             f"{r['torch_ddpm']['peak_rss_mb']:.0f} | "
-             f"{r['flax_ddpm']['peak_rss_mb'] / r['torch_ddpm']['peak_rss_mb']:.2f}x |",
-             f"| training FLOPs per image (XLA cost analysis) | {ft['flops_per_image'] / 1e9:.2f} G | same model | |",
-             f"| achieved training FLOP/s | {ft['flops_per_sec'] / 1e9:.1f} G | "
-             f"{tt['images_per_sec'] * ft['flops_per_image'] / 1e9:.1f} G | |"]
+             f"| peak RSS, DDIM sampling (MB) | {r['flax_ddim']['peak_rss_mb']:.0f} | "
+             f"{r['torch_ddim']['peak_rss_mb']:.0f} | "
+             f"{r['flax_ddim']['peak_rss_mb'] / r['torch_ddim']['peak_rss_mb']:.2f}x |",
+             f"| XLA temporary buffer of the train step (MB) | {ft['temp_mb']:.0f} | - | |",
+             f"| training FLOPs per image: the model (XLA cost analysis) / executed by flaxdiff | "
+             f"{model_flops / 1e9:.2f} G / {ft['flops_per_image'] / 1e9:.2f} G | {model_flops / 1e9:.2f} G | |",
+             f"| achieved model FLOP/s in training | {ft['images_per_sec'] * model_flops / 1e9:.1f} G | "
+             f"{tt['images_per_sec'] * model_flops / 1e9:.1f} G | |"]
     return "\n".join(rows)
 
 
