@@ -16,6 +16,11 @@ gradients), and `unet.py` uses them for every forward and backward pass:
   XLA:CPU computes as an lhs-dilated convolution through a slow generic kernel; here the input
   gradient is that of the same convolution written as a stride-1 2x2 convolution over the
   space-to-depth input (a fast kernel).
+* `attention` (CPU only): softmax attention as batched matmuls in (B, heads, N, head_dim) layout
+  (1.7x faster forward and 1.5x backward than XLA:CPU's lowering of dot_product_attention for
+  diffusers' 8-wide heads), whose backward pass recomputes the attention probabilities from q, k
+  and the saved log-sum-exp instead of keeping them (as flash attention does, unblocked): 168 MB
+  less memory in the course UNet's train step at batch 64, at the same speed.
 
 TPUs and GPUs keep the plain formulations of the last two (their compilers handle them well).
 `benchmarks/bench_speed.py` measures the effect; the README's speed section has the figures.
@@ -33,7 +38,7 @@ CPU_KERNELS: bool | None = None
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _use_cpu_kernels() -> bool:
+def use_cpu_kernels() -> bool:
     return jax.default_backend() == "cpu" if CPU_KERNELS is None else CPU_KERNELS
 
 
@@ -52,6 +57,17 @@ def _vary_like(param, x):
     return jax.lax.pcast(param, axes, to="varying") if axes else param
 
 
+def _after(x, cotangent):
+    """x, made to depend on a backward-pass value at no cost (0 * c is not folded away for floats).
+
+    XLA:CPU schedules work as early as its inputs allow, and it drops the optimization barriers
+    that keep rematerialisation in the backward pass, so a recomputation from forward-pass values
+    would run during the forward pass and its result would be held until used. Computing it from
+    `_after(x, cotangent)` keeps it in the backward pass.
+    """
+    return x + (0.0 * cotangent.reshape(-1)[0]).astype(x.dtype)
+
+
 def _conv(x, kernel, strides=(1, 1), padding=((1, 1), (1, 1))):
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
 
@@ -61,7 +77,7 @@ def group_norm(x, scale, bias, num_groups: int, eps: float, act=None):
     """act(torch.nn.GroupNorm(x)) on NHWC: biased variance over (H, W, C / G), statistics in float32."""
     dtype = x.dtype
     xf = x.astype(jnp.float32)
-    if _use_cpu_kernels():
+    if use_cpu_kernels():
         batch, channels = x.shape[0], x.shape[-1]
         gamma = jnp.broadcast_to(_vary_like(scale, xf), (batch, channels))
         beta = jnp.broadcast_to(_vary_like(bias, xf), (batch, channels))
@@ -180,7 +196,7 @@ def downsample_conv(x, kernel, bias, padding: int):
     """diffusers Downsample2D's 3x3 stride-2 convolution: padding 1 on every side, or (padding 0)
     one zero row and column after the input."""
     kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
-    if not _use_cpu_kernels():
+    if not use_cpu_kernels():
         return _strided_conv(x, kernel, padding) + bias
     return _downsample_cpu(x, _vary_like(kernel, x), _vary_like(bias, x), padding)
 
@@ -219,3 +235,49 @@ def _downsample_cpu_bwd(padding, residuals, g):
 
 
 _downsample_cpu.defvjp(_downsample_cpu_fwd, _downsample_cpu_bwd)
+
+
+# --------------------------------------------------------------------------- attention
+def _heads_first(a):  # (B, N, heads, d) <-> (B, heads, N, d)
+    return a.transpose(0, 2, 1, 3)
+
+
+def attention(q, k, v, scale: float):
+    """softmax(q k^T * scale) v over (B, N, heads, head_dim), the softmax in float32; CPU form."""
+    return _attention(q, k, v, float(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, scale):
+    return _attention_fwd(q, k, v, scale)[0]
+
+
+def _attention_fwd(q, k, v, scale):
+    qh, kh, vh = (_heads_first(a) for a in (q, k, v))
+    scores = jnp.matmul(qh * jnp.asarray(scale, q.dtype), kh.transpose(0, 1, 3, 2)).astype(jnp.float32)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(scores - peak)
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    out = _heads_first(jnp.matmul((unnormalised / total).astype(v.dtype), vh))
+    return out, (q, k, v, out, peak + jnp.log(total))
+
+
+def _attention_bwd(scale, residuals, d_out):
+    """Flash attention's backward pass (Dao et al. 2022, eq. in sec. 3.1), unblocked: the
+    probabilities are recomputed as exp(scores - logsumexp)."""
+    q, k, v, out, logsumexp = residuals
+    qh, kh, vh, oh, doh = (_heads_first(a) for a in (_after(q, d_out), k, v, out, d_out))
+    scale_ = jnp.asarray(scale, q.dtype)
+    # k q^T transposed rather than q k^T: the same numbers, but not merged with the forward's product
+    scores = jnp.matmul(kh, (qh * scale_).transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    probs = jnp.exp(scores.astype(jnp.float32) - logsumexp)
+    dv = jnp.matmul(probs.transpose(0, 1, 3, 2).astype(d_out.dtype), doh)
+    dprobs = jnp.matmul(doh, vh.transpose(0, 1, 3, 2)).astype(jnp.float32)
+    rowdot = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)
+    dscores = (probs * (dprobs - rowdot)).astype(q.dtype)
+    dq = jnp.matmul(dscores, kh) * scale_
+    dk = jnp.matmul(dscores.transpose(0, 1, 3, 2), qh) * scale_
+    return _heads_first(dq), _heads_first(dk), _heads_first(dv)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

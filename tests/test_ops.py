@@ -155,3 +155,28 @@ def test_downsample_conv_values_and_gradients(kernels, padding, shape):
     want_grads = jax.grad(lambda *a: jnp.sum(reference(*a) * weights), argnums=(0, 1, 2))(x, w, b)
     for name, g, r in zip(("x", "kernel", "bias"), grads, want_grads):
         assert relative_error(g, r) < 2e-6, name
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 4, 8), (1, 9, 2, 16)])  # (B, N, heads, head_dim)
+def test_attention_values_and_gradients(kernels, shape):
+    """The UNet's attention core (ops.attention on CPUs, jax.nn.dot_product_attention otherwise)
+    against softmax(q k^T * scale) v in float64; the CPU backward pass recomputes the probabilities."""
+    from flaxdiff.unet import _attention
+    rng = np.random.default_rng(5)
+    q, k, v, weights = (rng.standard_normal(shape) for _ in range(4))
+    scale = shape[-1] ** -0.5
+
+    def reference(q, k, v):
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+    with jax.enable_x64():
+        args64 = [jnp.asarray(a, jnp.float64) for a in (q, k, v)]
+        want = np.asarray(reference(*args64))
+        want_grads = [np.asarray(g) for g in jax.grad(lambda *a: jnp.sum(reference(*a) * weights),
+                                                      argnums=(0, 1, 2))(*args64)]
+    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    assert relative_error(jax.jit(_attention, static_argnums=3)(*args, scale), want) < 2e-6
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(_attention(*a, scale) * weights), argnums=(0, 1, 2)))(*args)
+    for name, g, w in zip("qkv", grads, want_grads):
+        assert relative_error(g, w) < 2e-5, name
