@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 from flaxdiff.cli import report_errors
+from flaxdiff.host import one_cpu_device_per_core
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
 
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
 
     def body() -> int:
         check_args(args)
+        one_cpu_device_per_core(args.batch_size)  # before JAX starts (flaxdiff/host.py)
         return run(args)
 
     return report_errors(body)

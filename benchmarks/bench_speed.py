@@ -1,15 +1,16 @@
 """flaxdiff against PyTorch diffusers, in one run on this machine: training images/s, sampling
 UNet evaluations/s, compile times, peak memory and FLOPs.
 
-    python benchmarks/bench_speed.py                 # the course UNet, 32 px (about 15 minutes on 2 CPU cores)
+    python benchmarks/bench_speed.py                 # the course UNet, 32 px (about 17 minutes on 2 CPU cores)
     python benchmarks/bench_speed.py --quick         # fewer steps and rounds: a smoke run of the same table
 
 Every measurement runs in a fresh subprocess, so each peak resident memory is that job's own, and
 the two frameworks take turns for --rounds rounds; the table gives the median of the rounds (this
 machine's speed varies by several percent from one minute to the next). Both sides use the same
 UNet config, batch and float32 weights; torch with its default threads, JAX on its default
-backend. flaxdiff runs as train.py runs it: with glibc's huge-page malloc tunable, which train.py
-sets for itself (flaxdiff/host.py); diffusers runs as `python train_unconditional.py` does,
+backend. flaxdiff runs as train.py and sample.py run it: with glibc's huge-page malloc tunable,
+which they set for themselves, and for sampling with one JAX CPU device per core, as sample.py
+does (flaxdiff/host.py); diffusers runs as `python train_unconditional.py` does,
 without it, and once more with it, so its effect on torch is in the table too. Compile time is
 reported apart from steady-state speed. Results go to stdout (a markdown table) and
 benchmarks/results/speed.json.
@@ -129,17 +130,18 @@ def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = ()) 
     import jax
     from flax import nnx
 
-    from flaxdiff.pipeline import DiffusionPipeline, _sample_program
+    from flaxdiff.pipeline import DiffusionPipeline, _sample_program, _spread_over_devices
     from flaxdiff.unet import UNet2D
 
     pipe = DiffusionPipeline(UNet2D(COURSE, rngs=nnx.Rngs(0)), {"_class_name": "DDPMScheduler"})
-    plan = pipe.plan(sampler, steps)
     graphdef, state = nnx.split(pipe.unet)
     latents = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
     key = jax.random.key(1)
-    result = {}
+    # the batch over every device, as DiffusionPipeline.__call__ (and sample.py) run it
+    state, plan, latents, _ = _spread_over_devices(state, pipe.plan(sampler, steps), latents, None)
+    result = {"devices": jax.device_count()}
     for count in compile_only:  # compile times of the same sampler at other step counts
-        other = pipe.plan(sampler, count)
+        other = _spread_over_devices(state, pipe.plan(sampler, count), latents, None)[1]
         start = time.perf_counter()
         _sample_program.lower(graphdef, state, other, latents, None, key).compile()
         result[f"compile_seconds_{count}"] = time.perf_counter() - start
@@ -177,13 +179,16 @@ WORKERS = {"flax_train": flax_train, "torch_train": torch_train, "flax_sample": 
 
 
 # --------------------------------------------------------------------------- the driver
-def run_worker(name: str, tuned: bool, **kwargs) -> dict:
-    """One measurement in a fresh process; `tuned`: with glibc's huge-page malloc tunable."""
-    from flaxdiff.host import TUNABLE
+def run_worker(name: str, tuned: bool, per_core: bool = False, **kwargs) -> dict:
+    """One measurement in a fresh process. `tuned`: with glibc's huge-page malloc tunable, as
+    flaxdiff's CLIs run; `per_core`: one CPU device per core, as sample.py runs (flaxdiff/host.py)."""
+    from flaxdiff.host import TUNABLE, one_cpu_device_per_core
 
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAX_NUM_CPU_DEVICES")}
     if tuned:
         env["GLIBC_TUNABLES"] = TUNABLE
+    if per_core:
+        one_cpu_device_per_core(kwargs["batch"], env)
     command = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
     print(f"  running {name}{' (malloc tunable)' if tuned else ''} {kwargs} ...", file=sys.stderr, flush=True)
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
@@ -236,17 +241,21 @@ def main() -> int:
     rounds = 1 if args.quick else args.rounds
     train_steps = 2 if args.quick else args.train_steps
     ddpm_steps = 20 if args.quick else args.ddpm_steps
-    runs = {name: [] for name in ("flax_train", "torch_train", "torch_train_tuned", "flax_ddim", "torch_ddim")}
+    names = ("flax_train", "torch_train", "torch_train_tuned", "flax_ddim", "flax_ddim_one_device", "torch_ddim")
+    runs = {name: [] for name in names}
     for _ in range(rounds):
         runs["flax_train"].append(run_worker("flax_train", True, batch=args.train_batch, steps=train_steps))
         runs["torch_train"].append(run_worker("torch_train", False, batch=args.train_batch, steps=train_steps))
         runs["torch_train_tuned"].append(run_worker("torch_train", True, batch=args.train_batch, steps=train_steps))
-        runs["flax_ddim"].append(run_worker("flax_sample", True, sampler="ddim", steps=50, batch=args.sample_batch))
+        runs["flax_ddim"].append(run_worker("flax_sample", True, per_core=True, sampler="ddim", steps=50,
+                                            batch=args.sample_batch))
+        runs["flax_ddim_one_device"].append(run_worker("flax_sample", True, sampler="ddim", steps=50,
+                                                       batch=args.sample_batch))
         runs["torch_ddim"].append(run_worker("torch_sample", False, sampler="ddim", steps=50, batch=args.sample_batch))
     r = {"machine": machine(), "config": "course UNet (64, 128, 128, 256), 32x32, float32", "ddpm_steps": ddpm_steps,
          **{name: median_of(values) for name, values in runs.items()}}
-    r["flax_ddpm"] = run_worker("flax_sample", True, sampler="ddpm", steps=ddpm_steps, batch=args.sample_batch,
-                                compile_only=(50, 1000))
+    r["flax_ddpm"] = run_worker("flax_sample", True, per_core=True, sampler="ddpm", steps=ddpm_steps,
+                                batch=args.sample_batch, compile_only=(50, 1000))
     r["torch_ddpm"] = run_worker("torch_sample", False, sampler="ddpm", steps=ddpm_steps, batch=args.sample_batch)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(r, indent=2) + "\n")
@@ -263,8 +272,11 @@ def table(r: dict) -> str:
             f"{ft['images_per_sec'] / tt['images_per_sec']:.2f}x |",
             f"| training images/s, diffusers with the same malloc tunable | {ft['images_per_sec']:.2f} | "
             f"{tu['images_per_sec']:.2f} | {ft['images_per_sec'] / tu['images_per_sec']:.2f}x |"]
-    for sampler, label in (("ddim", "DDIM 50 steps"), ("ddpm", f"DDPM {r['ddpm_steps']} steps")):
-        f, t = r[f"flax_{sampler}"], r[f"torch_{sampler}"]
+    devices = r["flax_ddim"]["devices"]
+    for key, label in (("ddim", f"DDIM 50 steps, {devices:.0f} CPU devices as sample.py"),
+                       ("ddim_one_device", "DDIM 50 steps, 1 device"),
+                       ("ddpm", f"DDPM {r['ddpm_steps']} steps, {devices:.0f} CPU devices")):
+        f, t = r[f"flax_{key}"], r[f"torch_{key.split('_')[0]}"]
         rows.append(f"| sampling UNet evals/s, {label} (batch 16) | {f['evals_per_sec']:.1f} | "
                     f"{t['evals_per_sec']:.1f} | {f['evals_per_sec'] / t['evals_per_sec']:.2f}x |")
     rows += [f"| train-step compile (s) | {ft['compile_seconds']:.1f} | - | |",
@@ -272,9 +284,9 @@ def table(r: dict) -> str:
              f"{fd['compile_seconds_1000']:.1f} | - | {fd['compile_seconds_1000'] / fd['compile_seconds_50']:.2f}x |",
              f"| peak RSS, training (MB) | {ft['peak_rss_mb']:.0f} | {tt['peak_rss_mb']:.0f} | "
              f"{ft['peak_rss_mb'] / tt['peak_rss_mb']:.2f}x |",
-             f"| peak RSS, DDIM sampling (MB) | {r['flax_ddim']['peak_rss_mb']:.0f} | "
-             f"{r['torch_ddim']['peak_rss_mb']:.0f} | "
-             f"{r['flax_ddim']['peak_rss_mb'] / r['torch_ddim']['peak_rss_mb']:.2f}x |",
+             *(f"| peak RSS, DDIM sampling, {label} (MB) | {r[key]['peak_rss_mb']:.0f} | "
+               f"{r['torch_ddim']['peak_rss_mb']:.0f} | {r[key]['peak_rss_mb'] / r['torch_ddim']['peak_rss_mb']:.2f}x |"
+               for key, label in (("flax_ddim", f"{devices:.0f} devices"), ("flax_ddim_one_device", "1 device"))),
              f"| XLA temporary buffer of the train step (MB) | {ft['temp_mb']:.0f} | - | |",
              f"| training FLOPs per image: the model (XLA cost analysis) / executed by flaxdiff | "
              f"{model_flops / 1e9:.2f} G / {ft['flops_per_image'] / 1e9:.2f} G | {model_flops / 1e9:.2f} G | |",

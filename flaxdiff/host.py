@@ -1,4 +1,4 @@
-"""Host memory: glibc malloc settings for XLA:CPU, and giving the compiler's memory back.
+"""The host: glibc malloc settings for XLA:CPU, giving the compiler's memory back, and CPU devices.
 
 XLA:CPU allocates its buffers (a training step's temporaries are one allocation of ~1.8 GB for
 the course UNet at batch 64, and Eigen's convolution workspaces are ~150 MB each) with glibc's
@@ -69,3 +69,31 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         return
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def one_cpu_device_per_core(batch_size: int, environ=None) -> int | None:
+    """Before JAX starts: make each CPU core its own JAX device for sampling (JAX_NUM_CPU_DEVICES).
+
+    Sampling a batch of 16 from the course UNet ran at 116 UNet evaluations/s with the batch split
+    over 2 single-core devices against 91/s with one device using both cores (XLA:CPU splits each
+    operation over threads, which small inference batches amortise badly). The count is the largest
+    divisor of batch_size up to the core count, so every device gets the same share. Nothing
+    changes when the user already chose (JAX_NUM_CPU_DEVICES, or XLA_FLAGS'
+    --xla_force_host_platform_device_count), and TPUs and GPUs are not affected. Returns the count
+    set, or None. (Training keeps one device: its batch-64 step was 4% slower on two.)
+    """
+    environ = os.environ if environ is None else environ
+    if "JAX_NUM_CPU_DEVICES" in environ or "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", ""):
+        return None
+    count = max(d for d in range(1, min(cpu_cores(), batch_size) + 1) if batch_size % d == 0)
+    if count > 1:
+        environ["JAX_NUM_CPU_DEVICES"] = str(count)
+        return count
+    return None

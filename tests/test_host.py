@@ -1,4 +1,4 @@
-"""flaxdiff.host: the command-line tools restart once with glibc's huge-page malloc tunable."""
+"""flaxdiff.host: the CLIs restart once with glibc's huge-page malloc tunable; sampling uses a CPU device per core."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 
 from flaxdiff import host
 
-pytestmark = pytest.mark.skipif(not host.wants_restart({}), reason="needs Linux with glibc 2.35 or newer")
+needs_glibc = pytest.mark.skipif(not host.wants_restart({}), reason="needs Linux with glibc 2.35 or newer")
 
 PROBE = ("from flaxdiff.host import restart_with_malloc_tuning; restart_with_malloc_tuning(); "
          "import json, os, sys; print(json.dumps([os.environ.get('GLIBC_TUNABLES'), os.getpid(), sys.argv[1:]]))")
@@ -26,6 +26,7 @@ def probe(env_changes):
     return tunables, pid, argv, process.pid
 
 
+@needs_glibc
 def test_restarts_once_with_the_tunable_same_pid_and_arguments():
     tunables, pid, argv, started = probe({})
     assert tunables == host.TUNABLE
@@ -33,7 +34,20 @@ def test_restarts_once_with_the_tunable_same_pid_and_arguments():
     assert argv == ["an argument"]
 
 
+@needs_glibc
 def test_keeps_the_users_tunables_and_can_be_turned_off():
     assert probe({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})[0] == f"glibc.malloc.arena_max=2:{host.TUNABLE}"
     assert probe({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})[0] == "glibc.malloc.hugetlb=0"  # the user's choice
     assert probe({"FLAXDIFF_MALLOC_TUNING": "0"})[0] is None
+
+
+@pytest.mark.parametrize("cores, batch, env, expected", [
+    (2, 16, {}, "2"), (4, 6, {}, "3"), (8, 16, {}, "8"), (2, 5, {}, None), (1, 16, {}, None),
+    (2, 16, {"JAX_NUM_CPU_DEVICES": "1"}, "1"),  # the user's choice stands
+    (2, 16, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, None),
+])
+def test_one_cpu_device_per_core_divides_the_batch(monkeypatch, cores, batch, env, expected):
+    monkeypatch.setattr(host, "cpu_cores", lambda: cores)
+    environ = dict(env)
+    host.one_cpu_device_per_core(batch, environ)
+    assert environ.get("JAX_NUM_CPU_DEVICES") == expected
