@@ -63,9 +63,12 @@ def _after(x, cotangent):
     XLA:CPU schedules work as early as its inputs allow, and it drops the optimization barriers
     that keep rematerialisation in the backward pass, so a recomputation from forward-pass values
     would run during the forward pass and its result would be held until used. Computing it from
-    `_after(x, cotangent)` keeps it in the backward pass.
+    `_after(x, cotangent)` keeps it in the backward pass. Both have the batch as their leading
+    axis and the same rank: each sample depends on its own cotangent's first element, so a batch
+    sharded over devices (explicitly or in shard_map) needs no communication.
     """
-    return x + (0.0 * cotangent.reshape(-1)[0]).astype(x.dtype)
+    first = cotangent[(slice(None),) + (slice(0, 1),) * (cotangent.ndim - 1)]  # (B, 1, ..., 1)
+    return x + (0.0 * first).astype(x.dtype)
 
 
 def _conv(x, kernel, strides=(1, 1), padding=((1, 1), (1, 1))):
@@ -188,6 +191,9 @@ def upsample_conv(x, kernel, bias):
     # phase (a, b) of output pixel (i, j) is at phases[:, i + a, j + b, a, b]
     rows = [jnp.stack([phases[:, a:a + h, c:c + w, a, c] for c in range(2)], axis=3) for a in range(2)]
     y = jnp.stack(rows, axis=2)  # (B, H, 2, W, 2, D)
+    # One axis pair per reshape: with explicit sharding (jax.make_mesh's default) JAX accepts a
+    # reshape that merges or splits one group of axes, not two at once.
+    y = y.reshape(b, h, 2, 2 * w, d)
     return y.reshape(b, 2 * h, 2 * w, d) + bias.astype(x.dtype)
 
 
@@ -212,7 +218,9 @@ def _space_to_depth_conv(x, kernel, padding: int):
     d = kernel.shape[-1]
     padded = jnp.pad(x, ((0, 0), (padding, 2 - padding), (padding, 2 - padding), (0, 0)))  # even size
     hs, ws = (h + 2) // 2, (w + 2) // 2
-    s2d = padded.reshape(b, hs, 2, ws, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hs, ws, 4 * c)
+    # (B, 2hs, 2ws, C) -> (B, hs, 2, ws, 2, C), one axis per reshape (explicit sharding, as above)
+    s2d = padded.reshape(b, hs, 2, 2 * ws, c).reshape(b, hs, 2, ws, 2, c)
+    s2d = s2d.transpose(0, 1, 3, 2, 4, 5).reshape(b, hs, ws, 4 * c)
     k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0))).reshape(2, 2, 2, 2, c, d)
     k = k.transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, d)  # [ty, tx, (a, b, c), d]
     return _conv(s2d, k, padding="VALID")

@@ -180,3 +180,38 @@ def test_attention_values_and_gradients(kernels, shape):
     grads = jax.jit(jax.grad(lambda *a: jnp.sum(_attention(*a, scale) * weights), argnums=(0, 1, 2)))(*args)
     for name, g, w in zip("qkv", grads, want_grads):
         assert relative_error(g, w) < 2e-5, name
+
+
+def test_unet_gradients_with_explicit_sharding(kernels):
+    """`jax.make_mesh` gives Explicit axes by default, so a user's own jitted step (notebook 1
+    writes one) traces the UNet with the batch's sharding in its types: every layer, forward and
+    backward, must be expressible there, and give the same loss and gradients as one device."""
+    padding = 1 if kernels else 0  # both Downsample2D paddings, one per kernel path
+    from flax import nnx
+    from jax.sharding import AxisType, NamedSharding
+
+    from flaxdiff.unet import UNet2D, UNet2DConfig
+    config = UNet2DConfig(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                          block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4,
+                          down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "AttnUpBlock2D"), downsample_padding=padding)
+    unet = UNet2D(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((8, 8, 8, 3)).astype(np.float32)
+    t = rng.integers(0, 1000, 8).astype(np.int32)
+
+    def loss_and_grads(unet, x, t):
+        return nnx.value_and_grad(lambda u: jnp.mean((u(x, t) - x) ** 2))(unet)
+
+    want_loss, want_grads = nnx.jit(loss_and_grads)(unet, x, t)
+    mesh = jax.make_mesh((jax.device_count(),), (parallel.AXIS,), axis_types=(AxisType.Explicit,))
+    nnx.update(unet, jax.device_put(nnx.state(unet), NamedSharding(mesh, P())))
+    batch = [jax.device_put(a, NamedSharding(mesh, P(parallel.AXIS))) for a in (x, t)]
+    loss, grads = nnx.jit(loss_and_grads)(unet, *batch)
+    assert relative_error(loss, want_loss) < 1e-5
+    # Per parameter, relative to its gradient's size, floored at 1e-3 of the largest gradient: the
+    # attention keys' bias has a zero gradient (softmax ignores a shift of every score).
+    floor = 1e-3 * max(np.abs(w).max() for w in jax.tree.leaves(want_grads))
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert np.abs(g - w).max() / max(np.abs(w).max(), floor) < 1e-4, jax.tree_util.keystr(path)
