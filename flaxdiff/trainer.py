@@ -123,8 +123,9 @@ class TrainOptions:
     ema_max_decay: float = _opt(0.9999, "EMA maximum decay", group="optim")
     mixed_precision: str = _opt("no", "compute dtype: no (float32) or bf16 (bfloat16 compute, float32 weights)",
                                 group="optim", choices=("no", "bf16"))
-    gradient_checkpointing: bool = _opt(False, "recompute UNet blocks in the backward pass to save memory",
-                                        group="optim")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet blocks in the backward pass to save memory "
+                                        "(TPUs/GPUs; XLA:CPU schedules the recomputation early, so it saves "
+                                        "nothing on CPUs)", group="optim")
     seed: int = _opt(0, "the run's seed: weights, data order, noise and crops all derive from it", group="optim")
     # ------------------------------------------------------------------ outputs
     output_dir: str | None = _opt(None, "where the pipeline, checkpoints, samples and metrics go "
@@ -625,9 +626,11 @@ def _train(opts: TrainOptions, log) -> Path:
     try:
         for first, count in dispatches:
             batch = prefetch.get()
-            if flops_per_step is None:  # XLA's count of the model's FLOPs, for the mfu log
-                cost = train_step.lower(state, batch, *step_inputs).cost_analysis() or {}
-                flops_per_step = float(cost.get("flops", 0.0)) / count
+            if flops_per_step is None:
+                lowered = train_step.lower(state, batch, *step_inputs)
+                flops_per_step = float((lowered.cost_analysis() or {}).get("flops", 0.0)) / count  # for mfu
+                lowered.compile()  # the jitted step reuses this executable
+                release_free_memory()  # the compiler's freed memory, back to the OS before the step's buffers
             state, metrics = train_step(state, batch, *step_inputs)
             step = first + count
             pending.append(metrics)
@@ -635,7 +638,6 @@ def _train(opts: TrainOptions, log) -> Path:
                 jax.block_until_ready(state.step)
                 compile_seconds = time.perf_counter() - start_time
                 bar.write(f"compiled and ran the first step in {compile_seconds:.1f}s") if is_main else None
-                release_free_memory()  # the compiler's freed working memory, back to the OS
                 meter.start()
             else:
                 meter.add(count * plan.step_size)
