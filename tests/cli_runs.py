@@ -28,8 +28,9 @@ def flags(config: Path, output_dir: Path, *extra: str, steps: int = STEPS) -> li
             "--random_flip", "--max_train_steps", str(steps), "--output_dir", str(output_dir), *extra]
 
 
-def run_cli(args, devices: int = 2) -> subprocess.Popen:
-    """train.py in a new process with `devices` simulated CPU devices; output in .stdout."""
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "PYTHONUNBUFFERED": "1"}
+def run_cli(args, devices: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """train.py in a new process with `devices` simulated CPU devices; output in .stdout.
+    `env`: the environment to start from (default: this process's)."""
+    env = {**(os.environ if env is None else env), "JAX_NUM_CPU_DEVICES": str(devices), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,6 +1,7 @@
 """train.py end to end: outputs, exact resume after SIGKILL, diffusers loading, and bad input."""
 
 import json
+import os
 import signal
 import time
 
@@ -79,6 +80,22 @@ def assert_same_run(reference, out):
         assert a[key].tobytes() == b[key].tobytes(), key
     losses = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa
     assert losses(reference) == losses(out)
+
+
+def test_second_run_reads_its_programs_from_the_default_compilation_cache(micro_config, tmp_path):
+    """With no cache settings at all, train.py keeps its compiled programs in
+    ~/.cache/flaxdiff/jax; a second run of the same job compiles nothing new (it writes no entry)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["HOME"] = str(tmp_path)
+    cache = tmp_path / ".cache" / "flaxdiff" / "jax"
+    entries = []
+    for run in ("first", "second"):
+        process = run_cli(flags(micro_config, tmp_path / run, steps=8), env=env)
+        log, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, log
+        entries.append(sorted(p.name for p in cache.iterdir()))
+    assert any(name.startswith("jit_steps-") for name in entries[0]), entries[0]  # the train step
+    assert entries[1] == entries[0]
 
 
 def test_half_written_checkpoint_is_never_resumed(finished_run, tmp_path):
