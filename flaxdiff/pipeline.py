@@ -56,8 +56,10 @@ def _sample_program(graphdef, state, plan, latents, noise, key):
     return samplers_lib.sample_loop(unet, plan, latents, noise, key)
 
 
-def _spread_over_devices(state, plan, latents, noise):
-    """Split the batch over this process's devices (weights replicated) when it divides evenly.
+def _spread_over_devices(state, plan, latents, noise, key=None):
+    """Split the batch over this process's devices (weights replicated) when it divides evenly,
+    else put everything on the first device; returns the mesh used, under which the sampling
+    program must run (`jax.set_mesh`), whatever mesh the caller has set.
 
     The random draws do not depend on the split (threefry is partitionable), so a seed gives the
     same images on 1 or N devices.
@@ -65,14 +67,14 @@ def _spread_over_devices(state, plan, latents, noise):
     from .parallel import batch_sharding, make_mesh, replicated
 
     devices = jax.local_devices()
-    if len(devices) == 1 or latents.shape[0] % len(devices):
-        return state, plan, latents, noise
+    if latents.shape[0] % len(devices):
+        devices = devices[:1]
     mesh = make_mesh(devices)
-    state, plan = jax.device_put((state, plan), replicated(mesh))
+    state, plan, key = jax.device_put((state, plan, key), replicated(mesh))
     latents = jax.device_put(latents, batch_sharding(mesh, 0, latents.ndim))
     if noise is not None:
         noise = jax.device_put(jnp.asarray(noise, jnp.float32), batch_sharding(mesh, 1, 5))
-    return state, plan, latents, noise
+    return mesh, (state, plan, latents, noise, key)
 
 
 class DiffusionPipeline:
@@ -183,8 +185,10 @@ class DiffusionPipeline:
         if noise is not None and not plan.config.stochastic:
             noise = None  # deterministic samplers use no noise, as in diffusers
         graphdef, state = nnx.split(self.unet)
-        state, plan, latents, noise = _spread_over_devices(state, plan, latents, noise)
-        final = _sample_program(graphdef, state, plan, latents, noise, jax.random.fold_in(key, 1))
+        mesh, (state, plan, latents, noise, key) = _spread_over_devices(state, plan, latents, noise,
+                                                                        jax.random.fold_in(key, 1))
+        with jax.set_mesh(mesh):  # ours, also when the caller has set a mesh of their own
+            final = _sample_program(graphdef, state, plan, latents, noise, key)
         final = np.asarray(final)
         if output_type == "latent":
             return final

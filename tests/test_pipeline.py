@@ -116,6 +116,16 @@ def test_seeds_are_reproducible_and_one_program_per_shape(pipe):
     assert a.min() >= 0 and a.max() <= 1
 
 
+@pytest.mark.parametrize("batch", [4, 3])  # over the 4 devices, and on one device
+def test_a_mesh_set_by_the_caller_changes_nothing(pipe, batch):
+    """Called inside `with jax.set_mesh(...)` (jax.make_mesh's Explicit axes, as JAX's sharding
+    guide sets them up), the pipeline still samples on its own mesh: the same images as without."""
+    want = pipe(batch_size=batch, num_inference_steps=4, sampler="ddpm", seed=5)
+    with jax.set_mesh(jax.make_mesh((jax.device_count(),), ("data",))):
+        got = pipe(batch_size=batch, num_inference_steps=4, sampler="ddpm", seed=5)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_default_steps_and_samplers(pipe):
     assert pipe.plan().num_steps == 1000  # DDPMPipeline's default
     assert pipe.plan("ddim").num_steps == 50
