@@ -141,7 +141,7 @@ def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = ()) 
     _, (state, plan, latents, _, _) = _spread_over_devices(state, pipe.plan(sampler, steps), latents, None)
     result = {"devices": jax.device_count()}
     for count in compile_only:  # compile times of the same sampler at other step counts
-        other = _spread_over_devices(state, pipe.plan(sampler, count), latents, None)[1][1]
+        _, (_, other, *_) = _spread_over_devices(state, pipe.plan(sampler, count), latents, None)
         start = time.perf_counter()
         _sample_program.lower(graphdef, state, other, latents, None, key).compile()
         result[f"compile_seconds_{count}"] = time.perf_counter() - start
