@@ -121,7 +121,8 @@ def test_a_mesh_set_by_the_caller_changes_nothing(pipe, batch):
     """Called inside `with jax.set_mesh(...)` (jax.make_mesh's Explicit axes, as JAX's sharding
     guide sets them up), the pipeline still samples on its own mesh: the same images as without."""
     want = pipe(batch_size=batch, num_inference_steps=4, sampler="ddpm", seed=5)
-    with jax.set_mesh(jax.make_mesh((jax.device_count(),), ("data",))):
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
         got = pipe(batch_size=batch, num_inference_steps=4, sampler="ddpm", seed=5)
     np.testing.assert_array_equal(got, want)
 
