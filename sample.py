@@ -23,10 +23,9 @@ import argparse
 import math
 from pathlib import Path
 
+from flaxdiff.choices import SAMPLER_NAMES
 from flaxdiff.cli import report_errors
 from flaxdiff.host import one_cpu_device_per_core
-
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_images", type=int, default=16, help="how many images (default: 16)")
     parser.add_argument("--batch_size", type=int, default=16, help="images per compiled batch, split over all "
                         "devices (default: 16)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                         help="default: the model's own scheduler (DDPM for train.py models)")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="default: 1000 for ddpm, 50 for the others")
@@ -84,26 +83,26 @@ def run(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from flaxdiff import DiffusionPipeline
-    from flaxdiff.data import image_grid
-    from flaxdiff.trainer import enable_compilation_cache
+    from flaxdiff.images import image_grid, to_uint8
+    from flaxdiff.load import load_pipeline
+    from flaxdiff.runtime import enable_compilation_cache
 
     enable_compilation_cache()
-    pipe = DiffusionPipeline.load(args.model, use_ema=not args.no_ema)
+    pipe = load_pipeline(args.model, use_ema=not args.no_ema)
     devices = jax.local_device_count()
     batch = args.batch_size
     if batch % devices:
         raise ValueError(f"--batch_size {batch} must be divisible by the {devices} devices, so every device "
                          f"gets the same share; use a multiple of {devices}")
     plan = pipe.plan(args.sampler, args.num_inference_steps, args.eta)
-    print(f"{args.num_images} images from {args.model} with {plan.config.kind}, {plan.num_steps} steps, "
+    print(f"{args.num_images} images from {args.model} with {plan.kind}, {plan.num_steps} steps, "
           f"batches of {batch} over {devices} device(s)")
     key = jax.random.key(args.seed)
     chunks = []
     for index in tqdm(range(math.ceil(args.num_images / batch)), desc="sampling", unit="batch"):
         chunks.append(pipe(batch_size=batch, num_inference_steps=plan.num_steps, sampler=args.sampler,
                            eta=args.eta, key=jax.random.fold_in(key, index)))
-    images = (np.concatenate(chunks)[:args.num_images] * 255).round().astype(np.uint8)
+    images = to_uint8(np.concatenate(chunks)[:args.num_images])
     written = []
     if args.output_dir:
         folder = Path(args.output_dir)
@@ -120,7 +119,6 @@ def run(args) -> int:
         written.append(grid_path)
     print("wrote " + ", ".join(written))
     return 0
-
 
 
 if __name__ == "__main__":

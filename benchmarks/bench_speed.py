@@ -61,12 +61,12 @@ def flax_train(batch: int, steps: int) -> dict:
     from flaxdiff import ops, parallel
     from flaxdiff.host import release_free_memory
     from flaxdiff.schedule import NoiseSchedule
-    from flaxdiff.training import StepConfig, create_train_state, make_train_step
+    from flaxdiff.training.step import TrainStepConfig, create_train_state, make_train_step
     from flaxdiff.unet import UNet2D
 
     graphdef, params = nnx.split(UNet2D(COURSE, rngs=nnx.Rngs(0)))
     mesh = parallel.make_mesh()
-    config = StepConfig(total_steps=1000, lr_warmup_steps=0)
+    config = TrainStepConfig(total_steps=1000, lr_warmup_steps=0)
     state = parallel.replicate(create_train_state(nnx.to_pure_dict(params), config), mesh)
     del params
     images = np.random.default_rng(0).integers(0, 256, (1, 1, batch, 32, 32, 3), dtype=np.uint8)
@@ -130,7 +130,7 @@ def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = ()) 
     import jax
     from flax import nnx
 
-    from flaxdiff.pipeline import DiffusionPipeline, _sample_program, _spread_over_devices
+    from flaxdiff.pipeline import DiffusionPipeline, sample_program, spread_over_devices
     from flaxdiff.unet import UNet2D
 
     pipe = DiffusionPipeline(UNet2D(COURSE, rngs=nnx.Rngs(0)), {"_class_name": "DDPMScheduler"})
@@ -138,15 +138,15 @@ def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = ()) 
     latents = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
     key = jax.random.key(1)
     # the batch over every device, as DiffusionPipeline.__call__ (and sample.py) run it
-    _, (state, plan, latents, _, _) = _spread_over_devices(state, pipe.plan(sampler, steps), latents, None)
+    _, (state, plan, latents, _, _) = spread_over_devices(state, pipe.plan(sampler, steps), latents, None)
     result = {"devices": jax.device_count()}
     for count in compile_only:  # compile times of the same sampler at other step counts
-        _, (_, other, *_) = _spread_over_devices(state, pipe.plan(sampler, count), latents, None)
+        _, (_, other, *_) = spread_over_devices(state, pipe.plan(sampler, count), latents, None)
         start = time.perf_counter()
-        _sample_program.lower(graphdef, state, other, latents, None, key).compile()
+        sample_program.lower(graphdef, state, other, latents, None, key).compile()
         result[f"compile_seconds_{count}"] = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = _sample_program.lower(graphdef, state, plan, latents, None, key).compile()
+    compiled = sample_program.lower(graphdef, state, plan, latents, None, key).compile()
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     jax.block_until_ready(compiled(state, plan, latents, None, key))

@@ -45,12 +45,12 @@ def hyperparameters(args) -> dict:
 
 
 def train_flaxdiff(train_npz: Path, config_json: Path, out: Path, hp: dict) -> float:
-    from flaxdiff.trainer import TrainOptions, train
+    from flaxdiff.training import TrainOptions, train
 
     opts = TrainOptions(dataset=str(train_npz), model_config_name_or_path=str(config_json), resolution=28,
                         center_crop=True, random_flip=False, output_dir=str(out), overwrite_output_dir=True,
                         save_images_epochs=10_000, save_model_epochs=10_000, checkpointing_steps=10_000,
-                        eval_batch_size=16, sampler="ddim", ddpm_num_inference_steps=50, logging_steps=50, **hp)
+                        eval_batch_size=16, sampler="ddim", num_inference_steps=50, logging_steps=50, **hp)
     start = time.perf_counter()
     train(opts)
     return time.perf_counter() - start
@@ -147,7 +147,7 @@ def main() -> int:
         results["diffusers_train_seconds"] = seconds
 
     from flaxdiff import DiffusionPipeline
-    from flaxdiff.data import image_grid
+    from flaxdiff.images import image_grid
     from flaxdiff.evaluate import pipeline_bits_per_dim
 
     scores = {}

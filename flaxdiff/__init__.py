@@ -14,9 +14,10 @@ _EXPORTS = {
     "UNet2D": "unet", "UNet2DConfig": "unet",
     "NoiseSchedule": "schedule", "add_noise": "schedule", "get_velocity": "schedule", "to_x0_eps": "schedule",
     "training_target": "schedule",
-    "DiffusionPipeline": "pipeline",
+    "DiffusionPipeline": "pipeline", "sample_program": "pipeline", "load_pipeline": "load",
     "DDIMSampler": "samplers", "DDPMSampler": "samplers", "DPMSolverMultistepSampler": "samplers", "Plan": "samplers",
-    "make_sample_fn": "samplers", "make_sampler": "samplers", "sample_loop": "samplers",
+    "make_sampler": "samplers", "sample_loop": "samplers",
+    "bits_per_dim": "bound", "pipeline_bits_per_dim": "bound",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,7 +2,7 @@
 
 On CPUs, XLA's own convolution kernels run at about half the speed of PyTorch's oneDNN ones;
 routing convolutions and matmuls through YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=dot`)
-closes that gap (2x faster convolutions, measured in benchmarks/). It only affects the CPU
+closes that gap (docs/speed.md). It only affects the CPU
 backend. Set FLAXDIFF_XLA_CPU_YNN=0 to leave XLA_FLAGS alone.
 """
 

@@ -57,28 +57,3 @@ def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a pytree of arrays, the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                         tree)
-
-
-def find_checkpoint(resume: str, output_dir: Path) -> tuple[Path, int] | None:
-    """--resume_from_checkpoint latest | PATH -> (checkpoint directory, step); None when `latest`
-    finds nothing. PATH is `.../checkpoints/<step>` or a run's output_dir / checkpoints dir."""
-    if resume == "latest":
-        directory = output_dir / "checkpoints"
-        if not directory.is_dir():
-            return None
-        step = Checkpoints(directory, read_only=True).latest_step()
-        return None if step is None else (directory, step)
-    path = Path(resume).expanduser()
-    if path.is_dir() and path.name.isdigit():
-        directory, step = path.parent, int(path.name)
-        if step not in Checkpoints(directory, read_only=True).steps():
-            raise ValueError(f"{path} is not a complete checkpoint (an interrupted save?); use another step or "
-                             "--resume_from_checkpoint latest")
-        return directory, step
-    for directory in (path / "checkpoints", path):
-        if directory.is_dir():
-            step = Checkpoints(directory, read_only=True).latest_step()
-            if step is not None:
-                return directory, step
-    raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint found there; give a checkpoint directory "
-                     "(output_dir/checkpoints/<step>), a run's output_dir, or 'latest'")

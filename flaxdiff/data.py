@@ -8,17 +8,15 @@ so its shorter side is `resolution` (bilinear, as torchvision's Resize) and crop
 (centre, or a random offset fixed per image by the seed). Random flips and batching happen later,
 on the device, so they cost nothing here.
 
-Data order is a pure function of (seed, epoch): `epoch_permutation`. A global batch is a slice of
-it; each process takes only its own part of every global batch (`process_slice`).
+Which images form each step's batch, and which process and device they go to, is the training
+feed's business (`flaxdiff.training.feed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import math
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -293,72 +291,3 @@ def _load_npz(spec: DataSpec, progress: bool) -> np.ndarray:
         image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
         out[i] = resize_and_crop(to_mode(image, spec.channels), spec.resolution, spec.center_crop, rng)
     return out
-
-
-# --------------------------------------------------------------------------- order and batches
-def epoch_permutation(num_images: int, seed: int, epoch: int) -> np.ndarray:
-    """The data order of an epoch: a function of (seed, epoch) only."""
-    return np.random.default_rng([seed, epoch, 7]).permutation(num_images)
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchPlan:
-    """Which images form the global batch of each optimizer step.
-
-    A step's batch has shape (accumulation, micro_batch); steps_per_epoch = N // (accumulation *
-    micro_batch) (the last partial batch of an epoch is dropped, so shapes stay static).
-    """
-
-    num_images: int
-    micro_batch: int  # --train_batch_size, global
-    accumulation: int
-    seed: int
-
-    def __post_init__(self):
-        if self.steps_per_epoch < 1:
-            raise DataError(f"the dataset has {self.num_images} images, fewer than one optimizer step needs "
-                            f"(train_batch_size {self.micro_batch} x gradient_accumulation_steps "
-                            f"{self.accumulation}); lower --train_batch_size")
-
-    @property
-    def step_size(self) -> int:
-        return self.micro_batch * self.accumulation
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_images // self.step_size
-
-    def indices(self, step: int) -> np.ndarray:
-        """(accumulation, micro_batch) image indices of optimizer step `step` (0-based)."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = epoch_permutation(self.num_images, self.seed, epoch)
-        flat = order[within * self.step_size:(within + 1) * self.step_size]
-        return flat.reshape(self.accumulation, self.micro_batch)
-
-
-def process_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-    """This process's contiguous part of the micro-batch axis (the last) of a global batch."""
-    per_process = indices.shape[-1] // process_count
-    return indices[..., process_index * per_process:(process_index + 1) * per_process]
-
-
-def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
-    """A PIL grid of float [0, 1] or uint8 NHWC images."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-    n, h, w, c = images.shape
-    columns = columns or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / columns))
-    grid = np.full((rows * h + (rows - 1) * 2, columns * w + (columns - 1) * 2, c), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[r * (h + 2):r * (h + 2) + h, col * (w + 2):col * (w + 2) + w] = image
-    return Image.fromarray(grid[..., 0] if c == 1 else grid)
-
-
-def iter_batches(images: np.ndarray, plan: BatchPlan, start_step: int, end_step: int,
-                 process_index: int = 0, process_count: int = 1) -> Iterable[np.ndarray]:
-    """This process's uint8 batch (accumulation, micro_batch / processes, R, R, C) for each step."""
-    for step in range(start_step, end_step):
-        yield images[process_slice(plan.indices(step), process_index, process_count)]

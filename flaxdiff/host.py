@@ -1,12 +1,11 @@
 """The host: glibc malloc settings for XLA:CPU, giving the compiler's memory back, and CPU devices.
 
-XLA:CPU allocates its buffers (a training step's temporaries are one allocation of ~1.8 GB for
-the course UNet at batch 64, and Eigen's convolution workspaces are ~150 MB each) with glibc's
-malloc, which serves large blocks with fresh `mmap`s and unmaps them on free. So every step
-touches gigabytes of new 4 KiB pages: the kernel faults and zeroes each one, about 15% of a
-training step's CPU time here (`perf`). With the glibc tunable `glibc.malloc.hugetlb=1` (glibc
-2.35+), malloc asks for transparent huge pages, 512 times fewer faults: the course UNet's train
-step went from 2629 to 2294 ms on the 2-core CPU of the README's speed table.
+XLA:CPU allocates its buffers (a training step's temporaries are one large allocation, and
+Eigen's convolution workspaces are large too) with glibc's malloc, which serves large blocks with
+fresh `mmap`s and unmaps them on free. So every step touches gigabytes of new 4 KiB pages, and the
+kernel faults and zeroes each one. With the glibc tunable `glibc.malloc.hugetlb=1` (glibc 2.35+),
+malloc asks for transparent huge pages, 512 times fewer faults (what that saves is measured in
+docs/speed.md).
 
 glibc reads tunables only when a process starts, so the command-line tools (train.py,
 sample.py, `python -m flaxdiff.evaluate`) restart themselves once with the tunable set, before
@@ -60,8 +59,8 @@ def restart_with_malloc_tuning() -> None:
 def release_free_memory() -> None:
     """Give memory that malloc holds but no longer uses back to the OS (glibc's malloc_trim).
 
-    Called after XLA compiles the train step: the compiler's working memory (~0.7 GB for the
-    course UNet) is freed but stays mapped in the process otherwise, and would count in its peak.
+    Called after XLA compiles the train step: the compiler's working memory is freed but stays
+    mapped in the process otherwise, and would count in its peak.
     """
     if _glibc_version() is None:
         return
@@ -81,13 +80,13 @@ def cpu_cores() -> int:
 def one_cpu_device_per_core(batch_size: int, environ=None) -> int | None:
     """Before JAX starts: make each CPU core its own JAX device for sampling (JAX_NUM_CPU_DEVICES).
 
-    Sampling a batch of 16 from the course UNet ran at 116 UNet evaluations/s with the batch split
-    over 2 single-core devices against 91/s with one device using both cores (XLA:CPU splits each
-    operation over threads, which small inference batches amortise badly). The count is the largest
-    divisor of batch_size up to the core count, so every device gets the same share. Nothing
-    changes when the user already chose (JAX_NUM_CPU_DEVICES, or XLA_FLAGS'
-    --xla_force_host_platform_device_count), and TPUs and GPUs are not affected. Returns the count
-    set, or None. (Training keeps one device: its batch-64 step was 4% slower on two.)
+    XLA:CPU splits each operation of one device over the cores, which the small batches of
+    sampling amortise badly; a single-core device per core, each with its share of the batch, is
+    faster (docs/speed.md). The count is the largest divisor of batch_size up to the core count, so
+    every device gets the same share. Nothing changes when the user already chose
+    (JAX_NUM_CPU_DEVICES, or XLA_FLAGS' --xla_force_host_platform_device_count), and TPUs and GPUs
+    are not affected. Returns the count set, or None. (Training keeps one device: its large
+    batches gain nothing from the split.)
     """
     environ = os.environ if environ is None else environ
     if "JAX_NUM_CPU_DEVICES" in environ or "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", ""):

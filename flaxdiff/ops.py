@@ -17,13 +17,12 @@ gradients), and `unet.py` uses them for every forward and backward pass:
   gradient is that of the same convolution written as a stride-1 2x2 convolution over the
   space-to-depth input (a fast kernel).
 * `attention` (CPU only): softmax attention as batched matmuls in (B, heads, N, head_dim) layout
-  (1.7x faster forward and 1.5x backward than XLA:CPU's lowering of dot_product_attention for
-  diffusers' 8-wide heads), whose backward pass recomputes the attention probabilities from q, k
-  and the saved log-sum-exp instead of keeping them (as flash attention does, unblocked): 168 MB
-  less memory in the course UNet's train step at batch 64, at the same speed.
+  (faster than XLA:CPU's lowering of dot_product_attention for diffusers' 8-wide heads), whose
+  backward pass recomputes the attention probabilities from q, k and the saved log-sum-exp
+  instead of keeping them (as flash attention does, unblocked): less memory at the same speed.
 
-TPUs and GPUs keep the plain formulations of the last two (their compilers handle them well).
-`benchmarks/bench_speed.py` measures the effect; the README's speed section has the figures.
+TPUs and GPUs keep the plain formulations of the last three (their compilers handle them well).
+`benchmarks/bench_speed.py` measures the effect; docs/speed.md has the figures.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ assembled from each process's local slice; parameters and optimizer state are re
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -15,36 +14,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
-
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """jax.distributed.initialize() when the job spans several processes.
-
-    Explicit arguments win; otherwise JAX's own cluster detection (TPU pods, SLURM, ...) decides,
-    and a plain single-process run (nothing detected, no arguments) stays single-process.
-    """
-    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
-    if explicit:
-        missing = [name for name, value in (("--coordinator_address", coordinator_address),
-                                            ("--num_processes", num_processes), ("--process_id", process_id))
-                   if value is None]
-        if missing:
-            raise ValueError(f"multi-process training needs all of --coordinator_address, --num_processes and "
-                             f"--process_id; missing {', '.join(missing)}")
-        if num_processes > 1:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        return
-    if _cluster_detected():
-        jax.distributed.initialize()
-
-
-def _cluster_detected() -> bool:
-    """A multi-host environment JAX can auto-initialize: TPU pod slices and SLURM jobs."""
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ:
-        return True
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")
-    return bool(hosts and "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -101,43 +70,6 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
-class DeviceDataset:
-    """The whole uint8 dataset replicated on every device; each batch is gathered on the device.
-
-    The host then sends only the (tiny) int32 image indices of a batch. Every device gathers its
-    own part of the micro-batch axis from its full copy, so no data moves between devices, and the
-    batch is bit for bit the one the host would have built: the trajectory does not change.
-    """
-
-    def __init__(self, images: np.ndarray, mesh: Mesh, batch_axis: int = 2):
-        self.mesh, self.batch_axis = mesh, batch_axis
-        self.num_images = len(images)
-        self.nbytes_per_device = int(images.nbytes)
-        self.data = replicate(np.ascontiguousarray(images), mesh)
-        self._gathers: dict[int, object] = {}
-
-    def indices(self, local_indices: np.ndarray) -> jax.Array:
-        """The global int32 index array of a batch from this process's slice (what the host sends)."""
-        return global_batch(np.asarray(local_indices, np.int32), self.mesh, self.batch_axis)
-
-    def batch(self, local_indices: np.ndarray) -> jax.Array:
-        """The global uint8 batch for this process's slice of indices, gathered on the devices."""
-        indices = self.indices(local_indices)
-        if indices.ndim not in self._gathers:
-            self._gathers[indices.ndim] = jax.jit(functools.partial(gather_batch, mesh=self.mesh,
-                                                                    batch_axis=self.batch_axis))
-        return self._gathers[indices.ndim](self.data, indices)
-
-
-def gather_batch(data: jax.Array, indices: jax.Array, mesh: Mesh, batch_axis: int = 2) -> jax.Array:
-    """Traceable `data[indices]` for a replicated `data` and `indices` sharded over `batch_axis`:
-    each device gathers its own slice of the batch from its own copy (no communication)."""
-    spec = [None] * indices.ndim
-    spec[batch_axis] = AXIS
-    gather = jax.shard_map(lambda d, i: d[i], mesh=mesh, in_specs=(P(), P(*spec)), out_specs=P(*spec))
-    return gather(data, indices)
-
-
 def device_memory_bytes() -> int | None:
     """The smallest memory of this process's devices (accelerators), or None where JAX does not say (CPU)."""
     limits = []
@@ -182,3 +114,10 @@ def peak_flops_per_device() -> float | None:
     if os.environ.get("FLAXDIFF_PEAK_FLOPS"):
         return float(os.environ["FLAXDIFF_PEAK_FLOPS"])
     return PEAK_FLOPS.get(jax.devices()[0].device_kind)
+
+
+def to_host(x) -> np.ndarray:
+    """A replicated (or local) jax.Array as numpy, on any process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from . import samplers as samplers_lib
 from .diffusers_io import load_unet, save_unet, write_atomic
+from .images import to_unit_range
 from .unet import DIFFUSERS_VERSION, UNet2D
 
 MODEL_INDEX = "model_index.json"
@@ -27,7 +28,7 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 PIPELINE_FOR_SCHEDULER = {"DDIMScheduler": "DDIMPipeline"}
 
 
-def _is_pipeline_folder(path: Path) -> bool:
+def is_pipeline_folder(path: Path) -> bool:
     return (path / MODEL_INDEX).is_file() or ((path / "unet").is_dir() and (path / "scheduler").is_dir())
 
 
@@ -35,7 +36,7 @@ def resolve_pipeline_folder(path: str | os.PathLike) -> Path:
     """A local pipeline folder, or a Hub repo id downloaded to the local cache."""
     local = Path(path).expanduser()
     if local.exists():
-        if not local.is_dir() or not _is_pipeline_folder(local):
+        if not local.is_dir() or not is_pipeline_folder(local):
             raise ValueError(f"{local} is not a diffusers pipeline folder: expected {MODEL_INDEX}, unet/ and "
                              "scheduler/ in it (as DDPMPipeline.save_pretrained or train.py writes)")
         return local
@@ -51,12 +52,17 @@ def resolve_pipeline_folder(path: str | os.PathLike) -> Path:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _sample_program(graphdef, state, plan, latents, noise, key):
+def sample_program(graphdef, state, plan, latents, noise, key):
+    """The compiled sampling program: the UNet (graphdef, weights) inside one `lax.scan` over the plan.
+
+    It compiles once per (graphdef, batch shape, step count, plan options); the training loop's
+    sample grids and `DiffusionPipeline.__call__` share it.
+    """
     unet = nnx.merge(graphdef, state)
     return samplers_lib.sample_loop(unet, plan, latents, noise, key)
 
 
-def _spread_over_devices(state, plan, latents, noise, key=None):
+def spread_over_devices(state, plan, latents, noise, key=None):
     """Split the batch over this process's devices (weights replicated) when it divides evenly,
     else put everything on the first device; returns the mesh used, under which the sampling
     program must run (`jax.set_mesh`), whatever mesh the caller has set.
@@ -98,39 +104,6 @@ class DiffusionPipeline:
             raise FileNotFoundError(f"no scheduler/{SCHEDULER_CONFIG} in {folder}")
         scheduler_config = json.loads(scheduler_file.read_text())
         return cls(load_unet(folder / "unet", dtype=dtype), scheduler_config)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, use_ema: bool = True) -> "DiffusionPipeline":
-        """A train.py checkpoint (output_dir/checkpoints/<step>, or a run's latest): its EMA weights
-        when it has them (use_ema), else the training weights."""
-        from .checkpoint import Checkpoints, find_checkpoint
-        from .unet import UNet2DConfig
-
-        directory, step = find_checkpoint(str(path), Path(path))
-        checkpoints = Checkpoints(directory, read_only=True)
-        meta = checkpoints.read_meta(step)
-        state = checkpoints.restore(step, None)
-        params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
-        unet = UNet2D(UNet2DConfig.from_dict(meta["unet"]), rngs=nnx.Rngs(0))
-        graphdef, _ = nnx.split(unet)
-        return cls(nnx.merge(graphdef, jax.tree.map(np.asarray, params)), meta["scheduler"])
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, use_ema: bool = True) -> "DiffusionPipeline":
-        """Whatever a user calls a model: a pipeline folder, a train.py output_dir (its pipeline,
-        or its latest checkpoint before the first pipeline is saved), a checkpoint, or a Hub id."""
-        local = Path(path).expanduser()
-        if not local.exists():
-            return cls.from_pretrained(path)
-        if not local.is_dir():
-            raise ValueError(f"{path} is a file; give a folder (a pipeline, a train.py output_dir or a "
-                             "checkpoint) or a Hub id")
-        if _is_pipeline_folder(local):
-            return cls.from_pretrained(local)
-        if local.name.isdigit() or (local / "checkpoints").is_dir():
-            return cls.from_checkpoint(local, use_ema=use_ema)
-        raise ValueError(f"{path} is not a model: expected a diffusers pipeline folder (model_index.json, unet/, "
-                         "scheduler/), a train.py output_dir, or a checkpoint (output_dir/checkpoints/<step>)")
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a folder that `diffusers.DDPMPipeline.from_pretrained` (PyTorch) loads."""
@@ -182,26 +155,27 @@ class DiffusionPipeline:
         expected = self.latent_shape(latents.shape[0]) if self.unet.config.image_size else None
         if latents.ndim != 4 or (expected and latents.shape != expected):
             raise ValueError(f"latents must be NHWC of shape {expected or '(B, H, W, C)'}, got {latents.shape}")
-        if noise is not None and not plan.config.stochastic:
+        if noise is not None and not plan.options.stochastic:
             noise = None  # deterministic samplers use no noise, as in diffusers
         graphdef, state = nnx.split(self.unet)
-        mesh, (state, plan, latents, noise, key) = _spread_over_devices(state, plan, latents, noise,
-                                                                        jax.random.fold_in(key, 1))
+        mesh, (state, plan, latents, noise, key) = spread_over_devices(state, plan, latents, noise,
+                                                                       jax.random.fold_in(key, 1))
         with jax.set_mesh(mesh):  # ours, also when the caller has set a mesh of their own
-            final = _sample_program(graphdef, state, plan, latents, noise, key)
+            final = sample_program(graphdef, state, plan, latents, noise, key)
         final = np.asarray(final)
         if output_type == "latent":
             return final
         if output_type != "np":
             raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
-        return (final / 2 + 0.5).clip(0, 1)
+        return to_unit_range(final)
 
     def plan(self, sampler: str | None = None, num_inference_steps: int | None = None, eta: float = 0.0,
              use_clipped_model_output: bool = False) -> samplers_lib.Plan:
         chosen = self.make_sampler(sampler)
         if num_inference_steps is None:
-            num_inference_steps = 1000 if chosen.kind == "ddpm" else 50
-            num_inference_steps = min(num_inference_steps, chosen.num_train_timesteps)
-        if chosen.kind == "ddim":
-            return chosen.plan(num_inference_steps, eta=eta, use_clipped_model_output=use_clipped_model_output)
+            num_inference_steps = chosen.default_num_inference_steps()
+        if use_clipped_model_output:
+            if chosen.kind != "ddim":
+                raise ValueError(f"use_clipped_model_output applies to the ddim sampler, not {chosen.kind}")
+            return chosen.plan(num_inference_steps, eta=eta, use_clipped_model_output=True)
         return chosen.plan(num_inference_steps, eta=eta)

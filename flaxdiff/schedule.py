@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+from .choices import BETA_SCHEDULES, PREDICTION_TYPES, check_choice
 
 # Keys of a diffusers scheduler config that determine the betas, with diffusers' defaults.
 SCHEDULE_DEFAULTS: dict[str, Any] = {
@@ -33,12 +32,6 @@ SCHEDULE_DEFAULTS: dict[str, Any] = {
     "trained_betas": None,
     "rescale_betas_zero_snr": False,
 }
-
-
-def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    """Raise one ValueError naming the option, the bad value and the allowed values."""
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(map(repr, allowed))}")
 
 
 def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -170,28 +163,32 @@ def add_noise(schedule: NoiseSchedule, original_samples: jax.Array, noise: jax.A
 def get_velocity(schedule: NoiseSchedule, sample: jax.Array, noise: jax.Array,
                  timesteps: jax.Array) -> jax.Array:
     """v = sqrt(alphas_cumprod_t) eps - sqrt(1 - alphas_cumprod_t) x_0 (Salimans & Ho 2022, sec. 4)."""
-    alpha_prod = _alpha_prod(schedule, timesteps, sample)
-    return alpha_prod**0.5 * noise - (1 - alpha_prod) ** 0.5 * sample
+    return training_target(schedule, sample, noise, timesteps, "v_prediction")
+
+
+def split_prediction(model_output, sample, sqrt_alpha_prod, sqrt_beta_prod, prediction_type: str):
+    """(x_0, eps) implied by a model output at x_t = `sample`, in diffusers' operation order.
+
+    sqrt_alpha_prod = sqrt(alphas_cumprod_t), sqrt_beta_prod = sqrt(1 - alphas_cumprod_t): scalars or
+    arrays that broadcast against `sample` (samplers pass them precomputed per step).
+    """
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - sqrt_beta_prod * model_output) / sqrt_alpha_prod
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - sqrt_alpha_prod * model_output) / sqrt_beta_prod
+    else:  # v_prediction (Salimans & Ho 2022, sec. 4)
+        x0 = sqrt_alpha_prod * sample - sqrt_beta_prod * model_output
+        eps = sqrt_alpha_prod * model_output + sqrt_beta_prod * sample
+    return x0, eps
 
 
 def x0_eps_from_output(model_output: jax.Array, sample: jax.Array, alpha_prod: jax.Array,
                        prediction_type: str) -> tuple[jax.Array, jax.Array]:
-    """(x_0, eps) implied by a model output of the given prediction type at x_t = `sample`.
-
-    `alpha_prod` is alphas_cumprod_t, a scalar or broadcastable to `sample`.
-    """
-    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    beta_prod = 1 - alpha_prod
-    if prediction_type == "epsilon":
-        eps = model_output
-        x0 = (sample - beta_prod**0.5 * model_output) / alpha_prod**0.5
-    elif prediction_type == "sample":
-        x0 = model_output
-        eps = (sample - alpha_prod**0.5 * model_output) / beta_prod**0.5
-    else:
-        x0 = alpha_prod**0.5 * sample - beta_prod**0.5 * model_output
-        eps = alpha_prod**0.5 * model_output + beta_prod**0.5 * sample
-    return x0, eps
+    """`split_prediction` with alphas_cumprod_t given (a scalar or broadcastable to `sample`)."""
+    return split_prediction(model_output, sample, alpha_prod**0.5, (1 - alpha_prod) ** 0.5, prediction_type)
 
 
 def output_from_x0_eps(x0: jax.Array, eps: jax.Array, alpha_prod: jax.Array,
@@ -216,3 +213,27 @@ def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, ti
                     prediction_type: str) -> jax.Array:
     """What a model of this prediction type should output for x_t built from (x0, noise)."""
     return output_from_x0_eps(x0, noise, _alpha_prod(schedule, timesteps, x0), prediction_type)
+
+
+def signal_to_noise(schedule: NoiseSchedule, timesteps: jax.Array, like: jax.Array) -> jax.Array:
+    """SNR_t = alphas_cumprod_t / (1 - alphas_cumprod_t), per example, broadcastable to `like`."""
+    alpha_prod = _alpha_prod(schedule, timesteps, like)
+    return alpha_prod / (1 - alpha_prod)
+
+
+def posterior(alpha_prod, alpha_prod_prev):
+    """q(x_prev | x_t, x_0) = N(x0_coeff x_0 + sample_coeff x_t, variance) (Ho et al. 2020, eqs. 6-7).
+
+    From alphas_cumprod at t and at the step's target (1 after the last step); numpy or JAX arrays,
+    evaluated in their dtype in diffusers' DDPMScheduler operation order. Returns
+    (x0_coeff, sample_coeff, variance, beta_t) with beta_t = 1 - alpha_prod / alpha_prod_prev.
+    """
+    scalar = np.dtype(getattr(alpha_prod, "dtype", np.float64)).type  # keeps float32 in float32
+    one, half = scalar(1), scalar(0.5)
+    beta_prod, beta_prod_prev = one - alpha_prod, one - alpha_prod_prev
+    current_alpha = alpha_prod / alpha_prod_prev
+    current_beta = one - current_alpha
+    x0_coeff = (alpha_prod_prev**half * current_beta) / beta_prod
+    sample_coeff = current_alpha**half * beta_prod_prev / beta_prod
+    variance = beta_prod_prev / beta_prod * current_beta
+    return x0_coeff, sample_coeff, variance, current_beta

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flaxdiff.data import (BatchPlan, DataError, DataSpec, epoch_permutation, load_images, make_shapes,
-                           process_slice, resolve_dataset_name)
+from flaxdiff.data import DataError, DataSpec, load_images, make_shapes, resolve_dataset_name
+from flaxdiff.training.feed import BatchOrder, epoch_permutation, process_slice
 
 
 def test_shapes_are_deterministic_and_varied():
@@ -97,17 +97,52 @@ def test_hub_dataset_offline_is_one_clear_error(monkeypatch):
 def test_order_is_a_function_of_seed_and_epoch():
     np.testing.assert_array_equal(epoch_permutation(100, 1, 2), epoch_permutation(100, 1, 2))
     assert not np.array_equal(epoch_permutation(100, 1, 2), epoch_permutation(100, 1, 3))
-    plan = BatchPlan(num_images=100, micro_batch=8, accumulation=2, seed=1)
-    assert plan.steps_per_epoch == 6
-    first = plan.indices(0)
+    order = BatchOrder(num_images=100, micro_batch=8, accumulation=2, seed=1)
+    assert order.steps_per_epoch == 6
+    first = order.indices(0)
     assert first.shape == (2, 8)
-    epoch = np.concatenate([plan.indices(s).ravel() for s in range(6)])
+    epoch = np.concatenate([order.indices(s).ravel() for s in range(6)])
     assert len(set(epoch.tolist())) == 96  # an epoch never repeats an image
-    np.testing.assert_array_equal(plan.indices(6).ravel(), epoch_permutation(100, 1, 1)[:16])
+    np.testing.assert_array_equal(order.indices(6).ravel(), epoch_permutation(100, 1, 1)[:16])
     parts = [process_slice(first, p, 2) for p in range(2)]
     np.testing.assert_array_equal(np.concatenate(parts, axis=-1), first)
 
 
 def test_too_few_images_for_one_step():
     with pytest.raises(DataError, match="has 10 images, fewer than one optimizer step needs"):
-        BatchPlan(num_images=10, micro_batch=8, accumulation=2, seed=0)
+        BatchOrder(num_images=10, micro_batch=8, accumulation=2, seed=0)
+
+
+# --------------------------------------------------------------------------- .npz arrays
+def test_npz_images_load_as_they_are_or_converted(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", images=rgb, labels=np.arange(5))
+    # already at the resolution and channel count: the very array, first N with --max_train_samples
+    np.testing.assert_array_equal(load_images(DataSpec(dataset=str(tmp_path / "rgb.npz"), resolution=16),
+                                              progress=False), rgb)
+    first = load_images(DataSpec(dataset=str(tmp_path / "rgb.npz"), resolution=16, max_train_samples=2),
+                        progress=False)
+    np.testing.assert_array_equal(first, rgb[:2])
+    # NHW grayscale, resized and given 3 channels, each image converted like a file would be
+    gray = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "gray.npz", images=gray)
+    spec = DataSpec(dataset=str(tmp_path / "gray.npz"), resolution=16, center_crop=True)
+    converted = load_images(spec, progress=False)
+    assert converted.shape == (4, 16, 16, 3) and converted.dtype == np.uint8
+    expected = np.asarray(Image.fromarray(gray[1]).convert("RGB").resize((16, 16), Image.BILINEAR))
+    np.testing.assert_array_equal(converted[1], expected)
+    one_channel = load_images(DataSpec(dataset=str(tmp_path / "gray.npz"), resolution=28, channels=1),
+                              progress=False)
+    np.testing.assert_array_equal(one_channel[..., 0], gray)
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(pixels=np.zeros((2, 8, 8, 3), np.uint8)), "has no 'images' array .*it has: pixels"),
+    (dict(images=np.zeros((2, 8, 8, 3), np.float32)), "'images' must be uint8 .*float32"),
+    (dict(images=np.zeros((8, 8), np.uint8)), r"'images' must be uint8 of shape \(N, H, W\[, C\]\)"),
+])
+def test_npz_problems_are_named(tmp_path, arrays, match):
+    np.savez(tmp_path / "data.npz", **arrays)
+    with pytest.raises(DataError, match=match):
+        load_images(DataSpec(dataset=str(tmp_path / "data.npz"), resolution=8), progress=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from flaxdiff.evaluate import BoundConstants, bits_per_dim, prior_nats, term_nats
+from flaxdiff.bound import BoundConstants, bits_per_dim, prior_nats, term_nats
 
 MEAN, STD = 0.1, 0.3  # the data: N(MEAN, STD^2) per pixel, quantised to 8 bits on [-1, 1]
 

@@ -77,8 +77,10 @@ def test_kill_both_processes_and_resume(runs, micro_config, tmp_path):
     for process in processes:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    steps_left = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps_left and max(steps_left) < STEPS  # killed before the end
     logs = finish(two_processes(micro_config, out, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"))
-    assert "resumed from" in logs[0]
+    assert f"at step {max(steps_left)}" in logs[0]  # restored, not started afresh
     a, b = load_file(str(root / "multi" / WEIGHTS)), load_file(str(out / WEIGHTS))
     for key in a:
         assert a[key].tobytes() == b[key].tobytes(), key

@@ -11,10 +11,13 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,
 
 from flaxdiff import DiffusionPipeline
 from flaxdiff.diffusers_io import unet_state_dict
-from flaxdiff.pipeline import _sample_program
+from flaxdiff.pipeline import sample_program
 from stand_in import nhwc
 from torch_models import TINY, perturbed_unet
 
+# largest pixel error against diffusers measured 3.6e-7 (DDPM), 4.2e-7 (DDIM), 5.4e-7 (DPM-Solver++)
+# with jax 0.10.2 and torch 2.13 on the CPU: ~10x
+PIXEL_TOLERANCE = 5e-6
 SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing",
                  clip_sample=True)
 
@@ -59,7 +62,7 @@ def test_ddpm_pipeline_matches_diffusers(pipe, torch_pipe):
     err = np.abs(images - ref).max()
     print(f"\nDDPM {steps} steps: largest pixel error {err:.2e}")
     assert images.dtype == np.float32 and images.shape == ref.shape == (2, 16, 16, 3)
-    assert err < 1e-3
+    assert err < PIXEL_TOLERANCE
 
 
 def test_ddim_pipeline_matches_diffusers(pipe, torch_pipe):
@@ -72,7 +75,7 @@ def test_ddim_pipeline_matches_diffusers(pipe, torch_pipe):
     images = pipe(num_inference_steps=steps, sampler="ddim", eta=eta, latents=latents, noise=noise)
     err = np.abs(images - ref).max()
     print(f"\nDDIM {steps} steps eta {eta}: largest pixel error {err:.2e}")
-    assert err < 1e-3
+    assert err < PIXEL_TOLERANCE
 
 
 def test_dpm_solver_pipeline_matches_diffusers(pipe, torch_pipe):
@@ -84,7 +87,7 @@ def test_dpm_solver_pipeline_matches_diffusers(pipe, torch_pipe):
     images = pipe(num_inference_steps=steps, sampler="dpmsolver++", latents=latents)
     err = np.abs(images - ref).max()
     print(f"\nDPM-Solver++ {steps} steps: largest pixel error {err:.2e}")
-    assert err < 1e-3
+    assert err < PIXEL_TOLERANCE
 
 
 def test_save_pretrained_round_trip_through_diffusers(pipe, tmp_path):
@@ -106,13 +109,13 @@ def test_save_pretrained_round_trip_through_diffusers(pipe, tmp_path):
 
 
 def test_seeds_are_reproducible_and_one_program_per_shape(pipe):
-    before = _sample_program._cache_size()
+    before = sample_program._cache_size()
     a = pipe(batch_size=2, num_inference_steps=10, sampler="ddpm", seed=7)
     b = pipe(batch_size=2, num_inference_steps=10, sampler="ddpm", key=jax.random.key(7))
     c = pipe(batch_size=2, num_inference_steps=10, sampler="ddpm", seed=8)
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 0.05
-    assert _sample_program._cache_size() == before + 1
+    assert sample_program._cache_size() == before + 1
     assert a.min() >= 0 and a.max() <= 1
 
 
@@ -130,7 +133,8 @@ def test_a_mesh_set_by_the_caller_changes_nothing(pipe, batch):
 def test_default_steps_and_samplers(pipe):
     assert pipe.plan().num_steps == 1000  # DDPMPipeline's default
     assert pipe.plan("ddim").num_steps == 50
-    assert pipe.plan("dpmsolver++").config.kind == "dpmsolver++"
+    assert pipe.plan("dpmsolver++").kind == "dpmsolver++"
+    assert pipe.plan("sde-dpmsolver++").kind == "sde-dpmsolver++"
 
 
 def test_not_a_model_is_a_clear_error(tmp_path, monkeypatch):
@@ -153,3 +157,5 @@ def test_bad_call_arguments(pipe):
         pipe(latents=np.zeros((1, 3, 16, 16), np.float32), num_inference_steps=2)
     with pytest.raises(ValueError, match="either seed or key"):
         pipe(seed=1, key=jax.random.key(1), num_inference_steps=2)
+    with pytest.raises(ValueError, match="use_clipped_model_output applies to the ddim sampler, not ddpm"):
+        pipe(sampler="ddpm", use_clipped_model_output=True, num_inference_steps=2)

@@ -69,4 +69,18 @@ def test_evaluate_cli(finished_run, tmp_path, capsys):
     assert "bits/dim" in capsys.readouterr().out
     assert evaluate_main(argv) == 0
     assert json.loads(result.read_text()) == first  # a function of --seed
-    assert evaluate_main(["--model", str(out), "--num_images", "0"]) == 2
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "/no/such/model"], "/no/such/model does not exist"),
+    (["--num_images", "0"], "--num_images must be at least 1"),
+    (["--dataset", "./no/such/folder"], "the image folder ./no/such/folder does not exist"),
+    (["--split", "validation"], "the built-in 'shapes' dataset has the splits 'train' and 'test'"),
+])
+def test_evaluate_clear_errors(finished_run, capsys, args, expected):
+    argv = ["--model", str(finished_run[0]), *args] if args[0] != "--model" else args
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], err
+    assert "Traceback" not in err

@@ -5,6 +5,7 @@ outputs (random arrays for single steps, a fixed deterministic stand-in model fo
 The largest errors are printed (run with -s) so the closing notes can quote them.
 """
 
+import functools
 import itertools
 import time
 
@@ -79,12 +80,13 @@ def flax_run(kind, config, n, latents, noise, *, eta=0.0, use_clipped=False, mod
     if outputs is None:
         final, samples, x0s = _jitted_loop(model, plan, latents, noise, trajectory=True)
     else:  # replay given model outputs step by step through the same step function
-        state = S.init_state(plan.config, jnp.asarray(latents))
+        sample = jnp.asarray(latents)
+        history = type(plan.coeffs).init_history(sample)
         samples, x0s = [], []
         for i in range(plan.num_steps):
-            row = {k: v[i] for k, v in plan.coeffs.items()}
-            state, x0 = S.scan_step(plan.config, row, state, jnp.asarray(outputs[i]), jnp.asarray(noise[i]))
-            samples.append(state[0])
+            sample, history, x0 = plan.step_at(i).apply(plan.options, sample, history, jnp.asarray(outputs[i]),
+                                                        jnp.asarray(noise[i]))
+            samples.append(sample)
             x0s.append(x0)
     return np.asarray(samples, np.float64), np.asarray(x0s, np.float64), np.asarray(plan.timesteps)
 
@@ -263,6 +265,14 @@ def test_ddim_leading_spacing_needs_no_fix():
 
 
 # --------------------------------------------------------------------------- one compiled program
+def sample_fn(apply_fn):
+    """jit(sample_loop) for a model given as apply_fn(params, x, t), params a traced argument."""
+    @jax.jit
+    def run(params, plan, latents, noise=None, key=None):
+        return S.sample_loop(functools.partial(apply_fn, params), plan, latents, noise, key)
+    return run
+
+
 def _stand_in_apply(alphas_cumprod, x, t):
     a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
     h = x
@@ -272,7 +282,7 @@ def _stand_in_apply(alphas_cumprod, x, t):
 
 
 def test_sampler_compiles_once_per_shape_and_step_count():
-    run = S.make_sample_fn(_stand_in_apply)
+    run = sample_fn(_stand_in_apply)
     sampler = S.make_sampler("ddim", {})
     params = sampler.schedule.alphas_cumprod
     latents = jnp.zeros((2, 8, 8, 3))
@@ -301,7 +311,7 @@ def test_compile_time_does_not_grow_with_steps(kind):
             # a constant never used before makes a program no compilation cache has seen
             salt = float(time.perf_counter_ns() % 100003)
             apply = lambda p, x, t: _stand_in_apply(p, x * (1.0 + salt * 1e-9), t)  # noqa: E731
-            lowered = S.make_sample_fn(apply).lower(params, sampler.plan(n), latents, key=jax.random.key(0))
+            lowered = sample_fn(apply).lower(params, sampler.plan(n), latents, key=jax.random.key(0))
             start = time.perf_counter()
             lowered.compile()
             best = min(best, time.perf_counter() - start)

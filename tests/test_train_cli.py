@@ -72,14 +72,58 @@ def test_sigkill_then_resume_equals_uninterrupted(finished_run, micro_config, tm
     assert_same_run(reference, out)
 
 
-def assert_same_run(reference, out):
-    """Bit-for-bit the same final weights and the same logged losses."""
+def assert_same_weights(reference, out):
     name = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(str(reference / name)), load_file(str(out / name))
+    assert a.keys() == b.keys()
     for key in a:
         assert a[key].tobytes() == b[key].tobytes(), key
+
+
+def assert_same_run(reference, out):
+    """Bit-for-bit the same final weights and the same logged losses."""
+    assert_same_weights(reference, out)
     losses = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa
     assert losses(reference) == losses(out)
+
+
+def test_resume_from_an_explicit_checkpoint_path(finished_run, micro_config, tmp_path):
+    """--resume_from_checkpoint <run>/checkpoints/16 in a new output_dir continues that run: the
+    losses after step 16 and the final weights are bit for bit the uninterrupted run's."""
+    reference, _ = finished_run
+    out = tmp_path / "continued"
+    process = run_cli(flags(micro_config, out, "--resume_from_checkpoint", str(reference / "checkpoints" / "16")))
+    log, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, log
+    assert f"resumed from {reference / 'checkpoints' / '16'} at step 16" in log
+    assert_same_weights(reference, out)
+    rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa
+    assert [r["step"] for r in rows(out)] == [20, 24, 28, 32]
+    assert [r["loss"] for r in rows(out)] == [r["loss"] for r in rows(reference) if r["step"] > 16]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["24", "32"]
+
+
+def test_checkpoints_total_limit_then_overwrite_output_dir(micro_config, tmp_path):
+    """--checkpoints_total_limit 2 keeps the newest two; --overwrite_output_dir then removes what the
+    first run wrote (checkpoints, grids, log, pipeline) and keeps the user's own file."""
+    out = tmp_path / "run"
+    first = run_cli(flags(micro_config, out, "--checkpoints_total_limit", "2"))
+    log, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, log
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["24", "32"]
+    (out / "my_notes.md").write_text("keep me")
+    (out / "samples" / "epoch_0099_step_000999.png").write_bytes(b"a grid of the old run")
+    second = run_cli(flags(micro_config, out, "--overwrite_output_dir", "--checkpointing_steps", "16",
+                           "--save_images_epochs", "100", steps=16))
+    log, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, log
+    assert (out / "my_notes.md").read_text() == "keep me"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["16"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_0000_step_000008.png",
+                                                                    "epoch_0001_step_000016.png"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12, 16]
+    assert json.loads((out / "train_config.json").read_text())["total_steps"] == 16
 
 
 def test_second_run_reads_its_programs_from_the_default_compilation_cache(micro_config, tmp_path):
@@ -101,7 +145,7 @@ def test_second_run_reads_its_programs_from_the_default_compilation_cache(micro_
 def test_half_written_checkpoint_is_never_resumed(finished_run, tmp_path):
     """An interrupted save leaves only Orbax's temporary directory, which `latest` ignores."""
     import shutil
-    from flaxdiff.checkpoint import find_checkpoint
+    from flaxdiff.training.resume import find_checkpoint
     out = tmp_path / "run"
     shutil.copytree(finished_run[0] / "checkpoints", out / "checkpoints")
     shutil.copytree(out / "checkpoints" / "32", out / "checkpoints" / "40.orbax-checkpoint-tmp-1234")
@@ -129,7 +173,7 @@ def test_help_lists_every_flag(capsys):
                  "--save_model_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps", "--adam_beta1",
                  "--adam_beta2", "--adam_weight_decay", "--adam_epsilon", "--use_ema", "--ema_inv_gamma",
                  "--ema_power", "--ema_max_decay", "--mixed_precision", "--prediction_type", "--ddpm_num_steps",
-                 "--ddpm_num_inference_steps", "--ddpm_beta_schedule", "--checkpointing_steps",
+                 "--ddpm_num_inference_steps", "--num_inference_steps", "--ddpm_beta_schedule", "--checkpointing_steps",
                  "--checkpoints_total_limit", "--resume_from_checkpoint", "--seed", "--dataset", "--model_preset",
                  "--sampler", "--gradient_accumulation_steps", "--dataset_name", "--train_data_dir",
                  "--model_config_name_or_path", "--dataset_config_name", "--split", "--image_column"):
@@ -197,6 +241,7 @@ def test_checkpoint_of_another_model(capsys, finished_run, tmp_path):
     (["--train_batch_size", "6"], "divisible by the 4 devices"),
     (["--resolution", "36"], "not a multiple of 8"),
     (["--ddpm_num_inference_steps", "2000"], "exceeds --ddpm_num_steps 1000"),
+    (["--num_inference_steps", "10", "--ddpm_num_inference_steps", "20"], "differ: give only one"),
     (["--learning_rate", "-1"], "must be positive"),
     (["--max_train_steps", "0"], "at least 1"),
 ])
@@ -205,11 +250,10 @@ def test_contradicting_or_wrong_flags(capsys, tmp_path, args, expected):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
-def test_readme_flag_table_lists_every_flag():
-    import dataclasses
+def test_docs_flag_table_is_the_options():
+    """docs/training.md shows every flag with the help text train.py --help gives."""
     from pathlib import Path
     from conftest import ROOT
-    from flaxdiff.trainer import TrainOptions
-    readme = (Path(ROOT) / "README.md").read_text()
-    missing = [f.name for f in dataclasses.fields(TrainOptions) if f"| `--{f.name}` |" not in readme]
-    assert not missing, f"README's flag table lacks {missing}"
+    from flaxdiff.training.options import markdown_flag_table
+    page = (Path(ROOT) / "docs" / "training.md").read_text()
+    assert markdown_flag_table() in page, "regenerate the tables of docs/training.md from markdown_flag_table()"

@@ -13,10 +13,11 @@ from diffusers.training_utils import EMAModel
 from flax import nnx
 
 from flaxdiff import parallel
+from flaxdiff.choices import LR_SCHEDULERS
 from flaxdiff.diffusers_io import load_unet
 from flaxdiff.schedule import NoiseSchedule, add_noise
-from flaxdiff.training import (LR_SCHEDULERS, StepConfig, create_train_state, diffusion_loss, ema_decay,
-                               ema_update, learning_rate_schedule, make_optimizer, make_train_step)
+from flaxdiff.training.step import (TrainStepConfig, create_train_state, diffusion_loss, ema_decay, ema_update,
+                                    learning_rate_schedule, make_optimizer, make_train_step)
 from flaxdiff.unet import UNet2D
 from torch_models import perturbed_unet
 
@@ -28,7 +29,7 @@ def test_lr_schedules_match_diffusers(name):
     total, warmup, lr = 120, 17, 3e-4
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    ours = learning_rate_schedule(StepConfig(learning_rate=lr, lr_scheduler=name, lr_warmup_steps=warmup,
+    ours = learning_rate_schedule(TrainStepConfig(learning_rate=lr, lr_scheduler=name, lr_warmup_steps=warmup,
                                              total_steps=total))
     expected = []
     for _ in range(total + 5):
@@ -44,7 +45,7 @@ def test_adamw_with_clipping_matches_torch():
     rng = np.random.default_rng(0)
     shapes = [(3, 4), (5,), (2, 2, 3)]
     params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    config = StepConfig(learning_rate=1e-2, lr_scheduler="constant", adam_weight_decay=0.1, max_grad_norm=1.0)
+    config = TrainStepConfig(learning_rate=1e-2, lr_scheduler="constant", adam_weight_decay=0.1, max_grad_norm=1.0)
     torch_params = [torch.nn.Parameter(torch.tensor(p)) for p in params]
     optimizer = torch.optim.AdamW(torch_params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
@@ -131,7 +132,7 @@ def test_loss_and_gradients_match_diffusers(prediction_type, tmp_path):
                 for name, ref in ref_grads.items())
     print(f"\n{prediction_type}: loss {float(loss):.6f} vs {ref_loss.item():.6f}, largest relative gradient "
           f"error {worst:.2e}")
-    assert worst < 1e-3
+    assert worst < 4e-5  # measured 3.8e-6 to 4.4e-6 (jax 0.10.2, torch 2.13 CPU): ~10x
 
 
 # --------------------------------------------------------------------------- the data-parallel step
@@ -177,7 +178,7 @@ def test_four_devices_equal_one_device(micro_setup):
     Adam's epsilon is 1e-6 here (diffusers: 1e-8) so that parameters whose exact gradient is zero
     (see PARAM_TOLERANCE) move by lr * rounding / 1e-6, not by a good part of lr."""
     graphdef, params, images = micro_setup
-    config = StepConfig(learning_rate=1e-3, lr_warmup_steps=0, total_steps=10, use_ema=True, random_flip=True,
+    config = TrainStepConfig(learning_rate=1e-3, lr_warmup_steps=0, total_steps=10, use_ema=True, random_flip=True,
                         adam_epsilon=1e-6)
     assert len(jax.devices()) == 4
     one, losses_one, norms_one = run_steps(graphdef, params, images[:, :1], jax.devices()[:1], config,
@@ -198,7 +199,7 @@ def test_four_devices_equal_one_device(micro_setup):
 def test_accumulation_equals_one_big_batch(micro_setup):
     """2 micro-batches of 8 accumulated == one batch of 16 (same images, noise and timesteps)."""
     graphdef, params, images = micro_setup
-    config = StepConfig(learning_rate=1e-3, lr_warmup_steps=0, total_steps=10)
+    config = TrainStepConfig(learning_rate=1e-3, lr_warmup_steps=0, total_steps=10)
     accumulated, losses_acc = run_steps(graphdef, params, images, jax.devices(), config)
     big = images.reshape(3, 1, 16, 16, 16, 3)
     single, losses_big = run_steps(graphdef, params, big, jax.devices(), config)
@@ -213,7 +214,7 @@ def test_steps_per_dispatch_is_the_same_trajectory(micro_setup):
     program as a whole and fuses across step boundaries, so float rounding differs (~1e-7)."""
     graphdef, params, images = micro_setup
     # the config of test_four_devices_equal_one_device: its single-step program comes from the cache
-    config = StepConfig(learning_rate=1e-3, lr_warmup_steps=0, total_steps=10, use_ema=True, random_flip=True,
+    config = TrainStepConfig(learning_rate=1e-3, lr_warmup_steps=0, total_steps=10, use_ema=True, random_flip=True,
                         adam_epsilon=1e-6)
     single, losses_single = run_steps(graphdef, params, images[:, :1], jax.devices(), config)
     fused, losses_fused = run_steps(graphdef, params, images[:, :1], jax.devices(), config, steps_per_dispatch=3)
@@ -231,7 +232,7 @@ def test_loss_falls(micro_setup):
     graphdef, params, _ = micro_setup
     images = load_images(DataSpec(resolution=16, num_shapes=32), progress=False)
     batches = np.stack([images[None]] * 40)[:, :, :32]  # 40 steps on the same 32 images
-    config = StepConfig(learning_rate=2e-3, lr_scheduler="constant", lr_warmup_steps=0, total_steps=40)
+    config = TrainStepConfig(learning_rate=2e-3, lr_scheduler="constant", lr_warmup_steps=0, total_steps=40)
     _, losses = run_steps(graphdef, params, batches, jax.devices(), config)
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     print(f"\nloss: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
@@ -241,15 +242,16 @@ def test_loss_falls(micro_setup):
 # --------------------------------------------------------------------------- a dataset in device memory
 @pytest.mark.parametrize("shape", [(1, 1, 8), (3, 2, 4)])  # (steps K, accumulation, micro_batch)
 def test_device_dataset_gathers_the_host_batch(shape):
-    """Batches gathered on the devices from the replicated dataset are the host's, bit for bit, and
-    each device holds only its slice of the micro-batch axis."""
+    """Batches gathered on the devices from the replicated dataset (as the train step gathers
+    them) are the host's, bit for bit, and each device holds only its slice of the micro-batch axis."""
+    from flaxdiff.training.feed import DeviceDataset, gather_batch
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (37, 5, 6, 3), dtype=np.uint8)
     mesh = parallel.make_mesh()
-    data = parallel.DeviceDataset(images, mesh, batch_axis=2)
+    data = DeviceDataset(images, mesh)
     assert all(shard.data.shape == images.shape for shard in data.data.addressable_shards)
     indices = rng.integers(0, len(images), shape)
-    batch = data.batch(indices)
+    batch = jax.jit(lambda d, i: gather_batch(d, i, mesh))(data.data, data.indices(indices))
     assert batch.dtype == np.uint8 and batch.shape == (*shape, 5, 6, 3)
     np.testing.assert_array_equal(np.asarray(batch), images[indices])
     for shard in batch.addressable_shards:
@@ -258,7 +260,8 @@ def test_device_dataset_gathers_the_host_batch(shape):
 
 
 def test_dataset_placement_policy(monkeypatch):
-    from flaxdiff.trainer import OptionsError, dataset_placement
+    from flaxdiff.training.feed import dataset_placement
+    from flaxdiff.training.options import OptionsError
     GiB = 2**30
     monkeypatch.setattr(parallel, "device_memory_bytes", lambda: 16 * GiB)  # an accelerator with 16 GiB
     assert dataset_placement("auto", 4 * GiB)[0] and not dataset_placement("auto", 5 * GiB)[0]

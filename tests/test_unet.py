@@ -53,7 +53,7 @@ def test_forward_matches_diffusers(saved_unets, name):
     out = np.asarray(_forward(unet, jnp.asarray(x), jnp.asarray(ts)))
     worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
     print(f"\n{name}: largest relative forward error {worst:.2e}")
-    assert worst < 1e-4
+    assert worst < 2e-5  # measured 1.3e-6 to 2.3e-6 (jax 0.10.2, torch 2.13 CPU): ~10x
 
 
 def test_unet_compiles_once_per_input_shape():

@@ -22,7 +22,8 @@ from flax import nnx
 
 import flaxdiff
 from flaxdiff import DiffusionPipeline, NoiseSchedule, UNet2D, add_noise
-from flaxdiff.data import DataError, DataSpec, image_grid, load_images
+from flaxdiff.data import DataError, DataSpec, load_images
+from flaxdiff.images import image_grid
 
 ACCELERATOR = jax.default_backend() in ("tpu", "gpu")
 QUICK = os.environ.get("QUICK", "0" if ACCELERATOR else "1") == "1"  # the size knob

@@ -1,7 +1,7 @@
-"""Training: the loss, learning-rate schedules, AdamW with clipping, EMA, and the data-parallel step.
+"""The train step: the loss, learning-rate schedules, AdamW with clipping, EMA, the data-parallel step.
 
 Everything here is a pure function of arrays and pytrees; the loop that feeds it (files, clocks,
-progress bars) is `flaxdiff.trainer`. The numbers follow diffusers' `train_unconditional.py`:
+progress bars) is `flaxdiff.training.loop`. The numbers follow diffusers' `train_unconditional.py`:
 
 * loss: epsilon -> MSE to the noise; sample -> MSE to x_0 weighted by SNR = a / (1 - a);
   v_prediction -> MSE to `get_velocity` (Salimans & Ho 2022).
@@ -15,7 +15,7 @@ progress bars) is `flaxdiff.trainer`. The numbers follow diffusers' `train_uncon
 The step runs per device under `jax.shard_map` on a 1-D mesh: each device computes the loss and
 gradients of its slice of the batch, `lax.pmean` averages them, and the (replicated) optimizer
 update follows. A step's batch is (accumulation, micro_batch, H, W, C) uint8: the micro-batches
-are a `lax.scan` inside the same program, so k accumulated micro-batches of b images give the
+are a loop inside the same program, so k accumulated micro-batches of b images give the
 same update as one batch of k*b.
 """
 
@@ -31,15 +31,15 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from .parallel import AXIS, per_device, replicated
-from .schedule import NoiseSchedule, add_noise, get_velocity
-
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+from ..choices import LR_SCHEDULERS, PREDICTION_TYPES, check_choice
+from ..images import to_model_range
+from ..parallel import AXIS, per_device, replicated
+from ..schedule import NoiseSchedule, add_noise, signal_to_noise, training_target
 
 
 # --------------------------------------------------------------------------- configuration
 @dataclasses.dataclass(frozen=True)
-class StepConfig:
+class TrainStepConfig:
     """What the compiled train step depends on (hashable: a static argument)."""
 
     prediction_type: str = "epsilon"
@@ -47,8 +47,6 @@ class StepConfig:
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 500
     total_steps: int = 1000
-    lr_num_cycles: float | None = None  # cosine: 0.5, cosine_with_restarts: 1 (diffusers' defaults)
-    lr_power: float = 1.0
     adam_beta1: float = 0.95
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-6
@@ -91,14 +89,13 @@ def lr_multiplier(name: str, step, warmup: int, total: int, num_cycles: float | 
         remaining = 1 - (step - warmup) / max(1, total - warmup)
         decayed = ((lr_init - lr_end) * remaining**power + lr_end) / lr_init
         return jnp.where(step < warmup, warm, jnp.where(step > total, lr_end / lr_init, decayed))
-    raise ValueError(f"unknown lr_scheduler {name!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+    check_choice("lr_scheduler", name, LR_SCHEDULERS)
 
 
-def learning_rate_schedule(config: StepConfig):
-    """optax schedule: optimizer step count (0-based) -> learning rate."""
+def learning_rate_schedule(config: TrainStepConfig):
+    """optax schedule: optimizer step count (0-based) -> learning rate (diffusers' default cycles, power)."""
     return lambda count: config.learning_rate * lr_multiplier(
-        config.lr_scheduler, count, config.lr_warmup_steps, config.total_steps, config.lr_num_cycles,
-        config.lr_power, config.learning_rate)
+        config.lr_scheduler, count, config.lr_warmup_steps, config.total_steps, lr_init=config.learning_rate)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -111,7 +108,7 @@ def clip_grad_norm_torch(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(config: StepConfig) -> optax.GradientTransformation:
+def make_optimizer(config: TrainStepConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_beta1, b2=config.adam_beta2,
                         eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
     if config.max_grad_norm and config.max_grad_norm > 0:
@@ -136,22 +133,14 @@ def ema_update(ema_params, params, decay):
 
 # --------------------------------------------------------------------------- loss
 def diffusion_loss(model_output, x0, noise, timesteps, schedule: NoiseSchedule, prediction_type: str):
-    """diffusers' training loss for each prediction type (mean over batch and pixels)."""
+    """diffusers' training loss: MSE to the training target (mean over batch and pixels), weighted
+    by the SNR for `sample` prediction (Salimans & Ho 2022) as train_unconditional does."""
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     model_output = model_output.astype(jnp.float32)
-    if prediction_type == "epsilon":
-        return jnp.mean((model_output - noise) ** 2)
+    squared_error = (model_output - training_target(schedule, x0, noise, timesteps, prediction_type)) ** 2
     if prediction_type == "sample":
-        alpha = schedule.alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
-        snr = alpha / (1 - alpha)  # SNR weighting (Salimans & Ho 2022)
-        return jnp.mean(snr * (model_output - x0) ** 2)
-    if prediction_type == "v_prediction":
-        return jnp.mean((model_output - get_velocity(schedule, x0, noise, timesteps)) ** 2)
-    raise ValueError(f"unknown prediction_type {prediction_type!r}: choose epsilon, sample or v_prediction")
-
-
-def preprocess(images_uint8):
-    """uint8 -> [-1, 1] as torchvision ToTensor + Normalize([0.5], [0.5])."""
-    return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+        return jnp.mean(signal_to_noise(schedule, timesteps, x0) * squared_error)
+    return jnp.mean(squared_error)
 
 
 # --------------------------------------------------------------------------- state
@@ -164,7 +153,7 @@ class TrainState:
     ema_params: Any  # same structure as params, or None without EMA
 
 
-def create_train_state(params, config: StepConfig) -> TrainState:
+def create_train_state(params, config: TrainStepConfig) -> TrainState:
     params = jax.tree.map(jnp.asarray, params)
     ema = jax.tree.map(jnp.copy, params) if config.use_ema else None
     return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(config).init(params), ema)
@@ -179,7 +168,7 @@ def sampling_params(state: TrainState):
 def _unrolled_scan(body, carry, xs):
     """`lax.scan` written out as straight-line code.
 
-    XLA:CPU runs the convolutions of a backward pass 10-40x slower when they sit inside a loop
+    XLA:CPU runs the convolutions of a backward pass many times slower when they sit inside a loop
     or a called computation, which is what `lax.scan` (even with `unroll=True`) produces
     (jax-ml/jax#12868; benchmarks/cpu_loop_convolutions.py measures it). On CPUs the scans over
     micro-batches and over the steps of a dispatch are therefore inlined: the same program,
@@ -194,16 +183,16 @@ def _unrolled_scan(body, carry, xs):
     return carry, stacked
 
 
-def make_train_step(graphdef, schedule: NoiseSchedule, config: StepConfig, mesh, seed: int, gather=None):
-    """A jitted, data-parallel `step(state, images) -> (state, metrics)`.
+def make_train_step(graphdef, schedule: NoiseSchedule, config: TrainStepConfig, mesh, seed: int, gather=None):
+    """A jitted, data-parallel `step(state, batch) -> (state, metrics)`.
 
-    images: uint8 (K, accumulation, micro_batch, H, W, C) sharded over micro_batch; K > 1 runs
-    K optimizer steps as one `lax.scan` (one dispatch). metrics are (K,) arrays: loss, lr,
-    grad_norm, ema_decay. The state is donated.
+    batch: uint8 images (K, accumulation, micro_batch, H, W, C) sharded over micro_batch; K > 1
+    runs K optimizer steps in one dispatch. metrics are (K,) arrays: loss, lr, grad_norm,
+    ema_decay. The state is donated.
 
-    With `gather(data, indices) -> images` (`parallel.gather_batch`) the step is
-    `step(state, indices, data)`: it takes int32 (K, accumulation, micro_batch) image indices and
-    the dataset already in device memory, and gathers the batch inside the same program.
+    With `gather(data, indices) -> images` (`feed.gather_batch`) the step is
+    `step(state, batch, data)` with batch the int32 image indices (K, accumulation, micro_batch)
+    and data the dataset already in device memory: the batch is gathered inside the same program.
     """
     tx = make_optimizer(config)
     schedule_fn = learning_rate_schedule(config)
@@ -232,7 +221,7 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: StepConfig, mesh,
 
     def one_step(state: TrainState, images):
         key = jax.random.fold_in(base_key, state.step)
-        x0 = preprocess(images)  # (accumulation, micro_batch, H, W, C)
+        x0 = to_model_range(images)  # (accumulation, micro_batch, H, W, C)
         if config.random_flip:
             flip = jax.random.bernoulli(jax.random.fold_in(key, 0), 0.5, x0.shape[:2])
             x0 = jnp.where(flip[..., None, None, None], x0[..., ::-1, :], x0)
@@ -264,9 +253,8 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: StepConfig, mesh,
             metrics["ema_decay"] = decay
         return TrainState(step, params, opt_state, ema), metrics
 
-    def steps(state: TrainState, images, data=None):
-        if gather is not None:
-            images = gather(data, images)
+    def steps(state: TrainState, batch, data=None):
+        images = batch if gather is None else gather(data, batch)
         return loop(one_step, state, images)
 
     state_sharding = replicated(mesh)

@@ -1,0 +1,88 @@
+"""What a run trains: the UNet config (a preset or a diffusers config.json), the noise schedule,
+and the model built from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..samplers import DDPMSampler
+from ..unet import UNet2D, UNet2DConfig
+from .options import PRESETS, OptionsError, TrainOptions
+
+
+def unet_config_for(opts: TrainOptions):
+    """The UNet2DConfig to train: a preset at --resolution, or a diffusers config file."""
+    if opts.model_config_name_or_path:
+        path = Path(opts.model_config_name_or_path).expanduser()
+        for candidate in (path, path / "config.json", path / "unet" / "config.json"):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise OptionsError(f"--model_config_name_or_path {opts.model_config_name_or_path}: no config.json "
+                               "there (give a UNet2DModel config.json, its folder, or a pipeline folder)")
+        try:
+            config = UNet2DConfig.from_json_file(path)
+        except (ValueError, json.JSONDecodeError) as error:
+            raise OptionsError(f"{path}: {error}") from error
+        size = config.image_size
+        if size is not None and size != (opts.resolution, opts.resolution):
+            raise OptionsError(f"--resolution {opts.resolution} but {path} has sample_size {config.sample_size}: "
+                               f"pass --resolution {size[0]} or change the config")
+        if size is None:
+            config = dataclasses.replace(config, sample_size=opts.resolution)
+    else:
+        config = UNet2DConfig(sample_size=opts.resolution, in_channels=opts.num_channels,
+                              out_channels=opts.num_channels, **PRESETS[opts.model_preset])
+    factor = config.downsampling_factor
+    if opts.resolution % factor:
+        raise OptionsError(f"--resolution {opts.resolution} is not a multiple of {factor}, which this UNet "
+                           f"({len(config.block_out_channels)} levels) needs")
+    if config.in_channels not in (1, 3):
+        raise OptionsError(f"the UNet takes {config.in_channels} input channels; train.py feeds images with 1 or 3")
+    if config.out_channels != config.in_channels:
+        raise OptionsError(f"the UNet has in_channels {config.in_channels} but out_channels {config.out_channels}; "
+                           "train.py trains models that predict an image-shaped output")
+    return config
+
+
+def scheduler_config_for(opts: TrainOptions) -> dict:
+    """The DDPMScheduler config train_unconditional builds, as it is saved in scheduler/."""
+    return DDPMSampler(num_train_timesteps=opts.ddpm_num_steps, beta_schedule=opts.ddpm_beta_schedule,
+                       prediction_type=opts.prediction_type).to_config()
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The UNet to train, split for the compiled step: its graph and its float32 weights.
+
+    `sample_graphdef` is the float32 graph without rematerialisation, used to sample and save
+    whatever the training compute dtype (--mixed_precision) and --gradient_checkpointing are.
+    """
+
+    config: UNet2DConfig
+    graphdef: nnx.GraphDef
+    params: dict
+    sample_graphdef: nnx.GraphDef
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+
+def build_model(config: UNet2DConfig, opts: TrainOptions) -> Model:
+    """The UNet with PyTorch's initialisation drawn from --seed."""
+    dtype = jnp.bfloat16 if opts.mixed_precision == "bf16" else jnp.float32
+    unet = UNet2D(config, rngs=nnx.Rngs(opts.seed), dtype=dtype, gradient_checkpointing=opts.gradient_checkpointing)
+    graphdef, params = nnx.split(unet)
+    plain = dtype == jnp.float32 and not opts.gradient_checkpointing
+    sample_graphdef = graphdef if plain else nnx.graphdef(UNet2D(config, rngs=nnx.Rngs(0)))
+    return Model(config, graphdef, nnx.to_pure_dict(params), sample_graphdef)
