@@ -3,6 +3,12 @@ UNet evaluations/s, compile times, peak memory and FLOPs.
 
     python benchmarks/bench_speed.py                 # the course UNet, 32 px (about 17 minutes on 2 CPU cores)
     python benchmarks/bench_speed.py --quick         # fewer steps and rounds: a smoke run of the same table
+    python benchmarks/bench_speed.py --train_batch 256 --mixed_precision bf16   # on a TPU or GPU
+
+On a TPU or GPU it runs as it is: without torch installed it measures flaxdiff alone (images/s,
+UNet evaluations/s, compile times and the model FLOPs utilisation against the device's peak,
+flaxdiff/parallel.py's PEAK_FLOPS or $FLAXDIFF_PEAK_FLOPS); with a CUDA build of torch it runs
+diffusers on the same GPU, side by side. `--frameworks flaxdiff` leaves diffusers out anywhere.
 
 Every measurement runs in a fresh subprocess, so each peak resident memory is that job's own, and
 the two frameworks take turns for --rounds rounds; the table gives the median of the rounds (this
@@ -19,6 +25,7 @@ benchmarks/results/speed.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -53,9 +60,10 @@ def textbook_upsample_conv(x, kernel, bias):
 
 
 # --------------------------------------------------------------------------- workers (one per subprocess)
-def flax_train(batch: int, steps: int) -> dict:
+def flax_train(batch: int, steps: int, mixed_precision: str = "no") -> dict:
     import numpy as np
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from flaxdiff import ops, parallel
@@ -64,9 +72,10 @@ def flax_train(batch: int, steps: int) -> dict:
     from flaxdiff.training.step import TrainStepConfig, create_train_state, make_train_step
     from flaxdiff.unet import UNet2D
 
-    graphdef, params = nnx.split(UNet2D(COURSE, rngs=nnx.Rngs(0)))
+    dtype = jnp.bfloat16 if mixed_precision == "bf16" else jnp.float32
+    graphdef, params = nnx.split(UNet2D(COURSE, rngs=nnx.Rngs(0), dtype=dtype))
     mesh = parallel.make_mesh()
-    config = TrainStepConfig(total_steps=1000, lr_warmup_steps=0)
+    config = TrainStepConfig(total_steps=1000, lr_warmup_steps=0, mixed_precision=mixed_precision)
     state = parallel.replicate(create_train_state(nnx.to_pure_dict(params), config), mesh)
     del params
     images = np.random.default_rng(0).integers(0, 256, (1, 1, batch, 32, 32, 3), dtype=np.uint8)
@@ -90,31 +99,49 @@ def flax_train(batch: int, steps: int) -> dict:
         jax.block_until_ready(metrics)
         seconds.append(time.perf_counter() - start)
     per_step = statistics.median(seconds)
+    peak = parallel.peak_flops_per_device()
     return {"images_per_sec": batch / per_step, "compile_seconds": compile_seconds,
             "flops_per_image": flops / batch, "model_flops_per_image": model_flops / batch,
+            "mfu": model_flops / per_step / (peak * jax.device_count()) if peak else None,
             "peak_rss_mb": peak_rss_mb(), "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20}
 
 
-def torch_train(batch: int, steps: int) -> dict:
-    """A faithful transcription of train_unconditional.py's step (epsilon loss, clip 1.0, AdamW)."""
+def torch_device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_train(batch: int, steps: int, mixed_precision: str = "no") -> dict:
+    """A faithful transcription of train_unconditional.py's step (epsilon loss, clip 1.0, AdamW;
+    bf16 autocast as accelerate's mixed_precision="bf16")."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DModel
 
+    device = torch_device()
     torch.manual_seed(0)
-    model = UNet2DModel(**COURSE).train()
+    model = UNet2DModel(**COURSE).train().to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    clean = torch.rand(batch, 3, 32, 32) * 2 - 1
+    clean = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if mixed_precision == "bf16"
+                else contextlib.nullcontext())
 
     def one_step():
-        noise = torch.randn(clean.shape)
-        timesteps = torch.randint(0, 1000, (batch,)).long()
-        loss = F.mse_loss(model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise)
+        noise = torch.randn(clean.shape, device=device)
+        timesteps = torch.randint(0, 1000, (batch,), device=device).long()
+        with autocast:
+            output = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
+        loss = F.mse_loss(output.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     one_step()  # warm-up
     seconds = []
@@ -123,7 +150,7 @@ def torch_train(batch: int, steps: int) -> dict:
         one_step()
         seconds.append(time.perf_counter() - start)
     return {"images_per_sec": batch / statistics.median(seconds), "peak_rss_mb": peak_rss_mb(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": device}
 
 
 def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = ()) -> dict:
@@ -165,6 +192,7 @@ def torch_sample(sampler: str, steps: int, batch: int) -> dict:
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler())
     else:
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    pipe = pipe.to(torch_device())
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         pipe(batch_size=batch, num_inference_steps=2, generator=torch.Generator().manual_seed(0))  # warm-up
@@ -209,9 +237,14 @@ def machine() -> str:
     if "avx512_bf16" in flags:
         isa += " with BF16"
     import jax
-    import torch
-    return (f"{cpu} ({isa}), {os.cpu_count()} cores, {platform.system()}; jax {jax.__version__} "
-            f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+    line = (f"{cpu} ({isa}), {os.cpu_count()} cores, {platform.system()}; jax {jax.__version__} "
+            f"({jax.default_backend()}: {jax.device_count()} x {jax.devices()[0].device_kind})")
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        line += f", torch {torch.__version__} ({torch_device()}, {torch.get_num_threads()} threads)"
+    return line
 
 
 def median_of(rounds: list[dict]) -> dict:
@@ -232,6 +265,10 @@ def main() -> int:
                         "framework (default: 1000; the 50- and 1000-step compile times are measured either way)")
     parser.add_argument("--train_batch", type=int, default=64)
     parser.add_argument("--sample_batch", type=int, default=16)
+    parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no", help="training compute dtype "
+                        "on both sides (bf16: flaxdiff's --mixed_precision bf16, torch's bf16 autocast)")
+    parser.add_argument("--frameworks", default=None, help="flaxdiff,diffusers (default: both where torch and "
+                        "diffusers are installed, else flaxdiff alone)")
     parser.add_argument("--output", default=str(HERE / "results" / "speed.json"))
     args = parser.parse_args()
     if args.worker:
@@ -241,22 +278,28 @@ def main() -> int:
     rounds = 1 if args.quick else args.rounds
     train_steps = 2 if args.quick else args.train_steps
     ddpm_steps = 20 if args.quick else args.ddpm_steps
-    names = ("flax_train", "torch_train", "torch_train_tuned", "flax_ddim", "flax_ddim_one_device", "torch_ddim")
-    runs = {name: [] for name in names}
+    with_torch = bool(importlib.util.find_spec("torch") and importlib.util.find_spec("diffusers"))
+    frameworks = set((args.frameworks or ("flaxdiff,diffusers" if with_torch else "flaxdiff")).split(","))
+    train = dict(batch=args.train_batch, steps=train_steps, mixed_precision=args.mixed_precision)
+    jobs = {"flax_train": ("flax_train", True, False, train),
+            "flax_ddim": ("flax_sample", True, True, dict(sampler="ddim", steps=50, batch=args.sample_batch)),
+            "flax_ddim_one_device": ("flax_sample", True, False, dict(sampler="ddim", steps=50, batch=args.sample_batch))}
+    if "diffusers" in frameworks:
+        jobs.update({"torch_train": ("torch_train", False, False, train),
+                     "torch_train_tuned": ("torch_train", True, False, train),
+                     "torch_ddim": ("torch_sample", False, False, dict(sampler="ddim", steps=50, batch=args.sample_batch))})
+    runs = {name: [] for name in jobs}
     for _ in range(rounds):
-        runs["flax_train"].append(run_worker("flax_train", True, batch=args.train_batch, steps=train_steps))
-        runs["torch_train"].append(run_worker("torch_train", False, batch=args.train_batch, steps=train_steps))
-        runs["torch_train_tuned"].append(run_worker("torch_train", True, batch=args.train_batch, steps=train_steps))
-        runs["flax_ddim"].append(run_worker("flax_sample", True, per_core=True, sampler="ddim", steps=50,
-                                            batch=args.sample_batch))
-        runs["flax_ddim_one_device"].append(run_worker("flax_sample", True, sampler="ddim", steps=50,
-                                                       batch=args.sample_batch))
-        runs["torch_ddim"].append(run_worker("torch_sample", False, sampler="ddim", steps=50, batch=args.sample_batch))
-    r = {"machine": machine(), "config": "course UNet (64, 128, 128, 256), 32x32, float32", "ddpm_steps": ddpm_steps,
+        for name, (worker, tuned, per_core, kwargs) in jobs.items():
+            runs[name].append(run_worker(worker, tuned, per_core=per_core, **kwargs))
+    r = {"machine": machine(), "config": f"course UNet (64, 128, 128, 256), 32x32, training in "
+                                         f"{'bf16' if args.mixed_precision == 'bf16' else 'float32'}",
+         "ddpm_steps": ddpm_steps, "train_batch": args.train_batch,
          **{name: median_of(values) for name, values in runs.items()}}
     r["flax_ddpm"] = run_worker("flax_sample", True, per_core=True, sampler="ddpm", steps=ddpm_steps,
                                 batch=args.sample_batch, compile_only=(50, 1000))
-    r["torch_ddpm"] = run_worker("torch_sample", False, sampler="ddpm", steps=ddpm_steps, batch=args.sample_batch)
+    if "diffusers" in frameworks:
+        r["torch_ddpm"] = run_worker("torch_sample", False, sampler="ddpm", steps=ddpm_steps, batch=args.sample_batch)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(r, indent=2) + "\n")
     print(table(r))
@@ -264,34 +307,42 @@ def main() -> int:
 
 
 def table(r: dict) -> str:
-    ft, tt, tu, fd = r["flax_train"], r["torch_train"], r["torch_train_tuned"], r["flax_ddpm"]
+    """The markdown table; diffusers' column is '-' where it did not run (no torch)."""
+    missing = {"rounds": [], "images_per_sec": None, "evals_per_sec": None, "peak_rss_mb": None}
+    ft, fd = r["flax_train"], r["flax_ddpm"]
+    tt, tu = r.get("torch_train", missing), r.get("torch_train_tuned", missing)
     model_flops = ft["model_flops_per_image"]
+
+    def pair(ours, theirs, digits=2):
+        if theirs is None:
+            return f"{ours:.{digits}f} | - | "
+        return f"{ours:.{digits}f} | {theirs:.{digits}f} | {ours / theirs:.2f}x"
+
+    devices = r["flax_ddim"]["devices"]
     rows = [f"Machine: {r['machine']}. Model: {r['config']}. Medians of {len(ft['rounds'])} alternating rounds.",
             "", "| measure | flaxdiff (JAX) | diffusers (PyTorch) | ratio |", "| --- | --- | --- | --- |",
-            f"| training images/s (batch 64) | {ft['images_per_sec']:.2f} | {tt['images_per_sec']:.2f} | "
-            f"{ft['images_per_sec'] / tt['images_per_sec']:.2f}x |",
-            f"| training images/s, diffusers with the same malloc tunable | {ft['images_per_sec']:.2f} | "
-            f"{tu['images_per_sec']:.2f} | {ft['images_per_sec'] / tu['images_per_sec']:.2f}x |"]
-    devices = r["flax_ddim"]["devices"]
-    for key, label in (("ddim", f"DDIM 50 steps, {devices:.0f} CPU devices as sample.py"),
+            f"| training images/s (batch {r['train_batch']}) | {pair(ft['images_per_sec'], tt['images_per_sec'])} |",
+            f"| training images/s, diffusers with the same malloc tunable | "
+            f"{pair(ft['images_per_sec'], tu['images_per_sec'])} |"]
+    for key, label in (("ddim", f"DDIM 50 steps, {devices:.0f} devices as sample.py"),
                        ("ddim_one_device", "DDIM 50 steps, 1 device"),
-                       ("ddpm", f"DDPM {r['ddpm_steps']} steps, {devices:.0f} CPU devices")):
-        f, t = r[f"flax_{key}"], r[f"torch_{key.split('_')[0]}"]
-        rows.append(f"| sampling UNet evals/s, {label} (batch 16) | {f['evals_per_sec']:.1f} | "
-                    f"{t['evals_per_sec']:.1f} | {f['evals_per_sec'] / t['evals_per_sec']:.2f}x |")
+                       ("ddpm", f"DDPM {r['ddpm_steps']} steps, {devices:.0f} devices")):
+        theirs = r.get(f"torch_{key.split('_')[0]}", missing)["evals_per_sec"]
+        rows.append(f"| sampling UNet evals/s, {label} (batch 16) | {pair(r[f'flax_{key}']['evals_per_sec'], theirs, 1)} |")
     rows += [f"| train-step compile (s) | {ft['compile_seconds']:.1f} | - | |",
              f"| sampler compile, DDPM 50 / 1000 steps (s) | {fd['compile_seconds_50']:.1f} / "
              f"{fd['compile_seconds_1000']:.1f} | - | {fd['compile_seconds_1000'] / fd['compile_seconds_50']:.2f}x |",
-             f"| peak RSS, training (MB) | {ft['peak_rss_mb']:.0f} | {tt['peak_rss_mb']:.0f} | "
-             f"{ft['peak_rss_mb'] / tt['peak_rss_mb']:.2f}x |",
-             *(f"| peak RSS, DDIM sampling, {label} (MB) | {r[key]['peak_rss_mb']:.0f} | "
-               f"{r['torch_ddim']['peak_rss_mb']:.0f} | {r[key]['peak_rss_mb'] / r['torch_ddim']['peak_rss_mb']:.2f}x |"
+             f"| peak RSS, training (MB) | {pair(ft['peak_rss_mb'], tt['peak_rss_mb'], 0)} |",
+             *(f"| peak RSS, DDIM sampling, {label} (MB) | "
+               f"{pair(r[key]['peak_rss_mb'], r.get('torch_ddim', missing)['peak_rss_mb'], 0)} |"
                for key, label in (("flax_ddim", f"{devices:.0f} devices"), ("flax_ddim_one_device", "1 device"))),
              f"| XLA temporary buffer of the train step (MB) | {ft['temp_mb']:.0f} | - | |",
              f"| training FLOPs per image: the model (XLA cost analysis) / executed by flaxdiff | "
              f"{model_flops / 1e9:.2f} G / {ft['flops_per_image'] / 1e9:.2f} G | {model_flops / 1e9:.2f} G | |",
              f"| achieved model FLOP/s in training | {ft['images_per_sec'] * model_flops / 1e9:.1f} G | "
-             f"{tt['images_per_sec'] * model_flops / 1e9:.1f} G | |"]
+             + (f"{tt['images_per_sec'] * model_flops / 1e9:.1f} G | |" if tt['images_per_sec'] else "- | |")]
+    if ft.get("mfu"):
+        rows.append(f"| model FLOPs utilisation in training (of the devices' peak) | {ft['mfu']:.1%} | - | |")
     return "\n".join(rows)
 
 

@@ -19,9 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-# XLA:CPU convolutions run ~2x faster through YNNPACK (flaxdiff turns this on when it is imported
-# first; here JAX starts before flaxdiff, so say it before importing JAX). No effect on TPU/GPU.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=dot"
+import flaxdiff  # noqa: F401  (first: it sets its XLA:CPU flags where the installed jaxlib knows them)
 import jax
 import jax.numpy as jnp
 import matplotlib

@@ -6,7 +6,15 @@ load JAX; the XLA flags below are set before anything can.
 
 import importlib
 
+import sys
+
 from . import _xla_flags  # noqa: F401  (must run before JAX initialises its backends)
+from .backend import installed as _installed
+
+if "jax" in sys.modules and getattr(sys.modules["jax"], "__version__", None) not in (None, _installed("jax")):
+    raise ImportError(f"this Python process imported jax {sys.modules['jax'].__version__}, but jax "
+                      f"{_installed('jax')} is installed now (installed after the import): restart the runtime "
+                      "(Colab/Kaggle: Runtime > Restart session) and run again")
 
 __version__ = "0.1.0"
 

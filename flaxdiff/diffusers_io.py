@@ -19,6 +19,7 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from .compat import set_variable_value, variable_value
 from .unet import UNet2D, UNet2DConfig
 
 CONFIG_NAME = "config.json"
@@ -48,7 +49,7 @@ def _from_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
 def unet_state_dict(model: UNet2D) -> dict[str, np.ndarray]:
     """The model's parameters under diffusers' names and layouts (numpy float32)."""
     params = nnx.state(model, nnx.Param)
-    return {_diffusers_name(path): _to_torch_layout(str(path[-1]), np.asarray(var.get_value()))
+    return {_diffusers_name(path): _to_torch_layout(str(path[-1]), np.asarray(variable_value(var)))
             for path, var in params.flat_state()}
 
 
@@ -90,7 +91,7 @@ def load_unet_state_dict(model: UNet2D, state_dict: Mapping[str, np.ndarray]) ->
         lines.append("Check that config.json belongs to these weights.")
         raise ValueError("\n".join(lines))
     for var, value in new_values:
-        var.set_value(jnp.asarray(value, dtype=jnp.float32))
+        set_variable_value(var, jnp.asarray(value, dtype=jnp.float32))
     return model
 
 

@@ -19,6 +19,8 @@ import ctypes
 import os
 import sys
 
+from . import backend
+
 TUNABLE = "glibc.malloc.hugetlb=1"
 _OFF = "FLAXDIFF_MALLOC_TUNING"
 
@@ -37,7 +39,8 @@ def wants_restart(environ=None) -> bool:
     environ = os.environ if environ is None else environ
     version = _glibc_version()
     return (sys.platform.startswith("linux") and version is not None and version >= (2, 35)
-            and environ.get(_OFF, "1") != "0" and "glibc.malloc.hugetlb" not in environ.get("GLIBC_TUNABLES", ""))
+            and environ.get(_OFF, "1") != "0" and "glibc.malloc.hugetlb" not in environ.get("GLIBC_TUNABLES", "")
+            and not backend.accelerator_expected(environ))  # a CPU-host trick: TPU/GPU hosts run as they are
 
 
 def restart_with_malloc_tuning() -> None:
@@ -90,6 +93,8 @@ def one_cpu_device_per_core(batch_size: int, environ=None) -> int | None:
     """
     environ = os.environ if environ is None else environ
     if "JAX_NUM_CPU_DEVICES" in environ or "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", ""):
+        return None
+    if backend.accelerator_expected(environ):
         return None
     count = max(d for d in range(1, min(cpu_cores(), batch_size) + 1) if batch_size % d == 0)
     if count > 1:

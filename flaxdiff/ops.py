@@ -32,28 +32,25 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# None: the CPU formulations on the CPU backend only. Tests set True / False to check both paths.
+from .backend import accelerator_paths
+from .compat import pcast_varying, varying_axes
+
+# None: the CPU formulations unless the process takes the TPU/GPU paths (flaxdiff/backend.py).
+# Tests set True / False to check both paths.
 CPU_KERNELS: bool | None = None
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def use_cpu_kernels() -> bool:
-    return jax.default_backend() == "cpu" if CPU_KERNELS is None else CPU_KERNELS
-
-
-def _varying_axes(x) -> frozenset:
-    """The shard_map mesh axes along which x varies (empty outside shard_map)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-    return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
+    return not accelerator_paths() if CPU_KERNELS is None else CPU_KERNELS
 
 
 def _vary_like(param, x):
     """A replicated parameter marked as varying like x, so a custom_vjp may return its cotangent
     computed from x's per-device data inside shard_map (JAX inserts the psum when it transposes
     the cast, exactly as it does for built-in primitives)."""
-    axes = tuple(sorted(_varying_axes(x) - _varying_axes(param)))
-    return jax.lax.pcast(param, axes, to="varying") if axes else param
+    axes = tuple(sorted(varying_axes(x) - varying_axes(param)))
+    return pcast_varying(param, axes) if axes else param
 
 
 def _after(x, cotangent):

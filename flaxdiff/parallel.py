@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .compat import pcast_varying
+
 AXIS = "data"
 
 
@@ -29,7 +31,7 @@ def per_device(tree):
     per-device gradients over the mesh. Marking the weights as per-device copies first gives each
     device its own gradient, which the step then averages explicitly with `lax.pmean`.
     """
-    return jax.lax.pcast(tree, AXIS, to="varying")
+    return pcast_varying(tree, AXIS)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -70,8 +72,29 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
+MEMORY_OVERRIDE = "FLAXDIFF_DEVICE_MEMORY"  # e.g. 16GB: a device's memory, set by hand (or simulated in tests)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'16GB', '512 MiB', '1.5e9' -> bytes."""
+    number = text.strip().upper().rstrip("BIKMGT ")
+    unit = text.strip().upper()[len(number):].strip()
+    if unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a memory size: use e.g. 16GB, 512MiB or a number of bytes")
+    return int(float(number) * _UNITS[unit])
+
+
+def format_bytes(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def device_memory_bytes() -> int | None:
-    """The smallest memory of this process's devices (accelerators), or None where JAX does not say (CPU)."""
+    """The smallest memory of this process's devices (accelerators), or None where JAX does not say
+    (CPU). $FLAXDIFF_DEVICE_MEMORY (e.g. 16GB) sets it by hand."""
+    if os.environ.get(MEMORY_OVERRIDE):
+        return parse_bytes(os.environ[MEMORY_OVERRIDE])
     limits = []
     for device in jax.local_devices():
         try:

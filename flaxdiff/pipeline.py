@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from . import samplers as samplers_lib
+from .compat import set_mesh
 from .diffusers_io import load_unet, save_unet, write_atomic
 from .images import to_unit_range
 from .unet import DIFFUSERS_VERSION, UNet2D
@@ -65,7 +66,7 @@ def sample_program(graphdef, state, plan, latents, noise, key):
 def spread_over_devices(state, plan, latents, noise, key=None):
     """Split the batch over this process's devices (weights replicated) when it divides evenly,
     else put everything on the first device; returns the mesh used, under which the sampling
-    program must run (`jax.set_mesh`), whatever mesh the caller has set.
+    program must run (`compat.set_mesh`), whatever mesh the caller has set.
 
     The random draws do not depend on the split (threefry is partitionable), so a seed gives the
     same images on 1 or N devices.
@@ -160,7 +161,7 @@ class DiffusionPipeline:
         graphdef, state = nnx.split(self.unet)
         mesh, (state, plan, latents, noise, key) = spread_over_devices(state, plan, latents, noise,
                                                                        jax.random.fold_in(key, 1))
-        with jax.set_mesh(mesh):  # ours, also when the caller has set a mesh of their own
+        with set_mesh(mesh):  # ours, also when the caller has set a mesh of their own
             final = sample_program(graphdef, state, plan, latents, noise, key)
         final = np.asarray(final)
         if output_type == "latent":

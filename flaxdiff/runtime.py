@@ -48,9 +48,19 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def cluster_detected(environ=None) -> bool:
-    """A multi-host environment JAX can auto-initialize: TPU pod slices and SLURM jobs."""
+    """An unambiguous multi-host environment that JAX can initialise by itself: a TPU pod slice
+    with several workers, several TPU processes, or a SLURM job with several tasks. Colab, Kaggle
+    (TPU_PROCESS_ADDRESSES=local) and a one-GPU box are single-host and stay so."""
     environ = os.environ if environ is None else environ
-    if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ:
+    if "SLURM_JOB_ID" in environ and _count(environ.get("SLURM_NTASKS")) > 1:
         return True
-    hosts = environ.get("TPU_WORKER_HOSTNAMES") or environ.get("CLOUD_TPU_TASK_ID")
-    return bool(hosts and "," in environ.get("TPU_WORKER_HOSTNAMES", ""))
+    workers = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    processes = [a for a in environ.get("TPU_PROCESS_ADDRESSES", "").split(",") if a.strip() not in ("", "local")]
+    return len(workers) > 1 or len(processes) > 1
+
+
+def _count(value: str | None) -> int:
+    try:
+        return int(value or 1)
+    except ValueError:
+        return 1

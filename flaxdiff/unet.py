@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from . import ops
+from .compat import ModuleList
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
@@ -257,7 +258,7 @@ class Attention(nnx.Module):
         self.to_q = linear(channels, inner, rngs, dtype)
         self.to_k = linear(channels, inner, rngs, dtype)
         self.to_v = linear(channels, inner, rngs, dtype)
-        self.to_out = nnx.List([linear(inner, channels, rngs, dtype)])
+        self.to_out = ModuleList([linear(inner, channels, rngs, dtype)])
 
     def __call__(self, x):
         b, h, w, c = x.shape
@@ -310,15 +311,15 @@ class DownBlock(nnx.Module):
 
     def __init__(self, in_channels, out_channels, temb_channels, config: UNet2DConfig, *, attention: bool,
                  add_downsample: bool, counter: _Counter, rngs, dtype):
-        self.resnets = nnx.List([
+        self.resnets = ModuleList([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, config,
                           index=counter(), rngs=rngs, dtype=dtype)
             for i in range(config.layers_per_block)])
-        self.attentions = nnx.List([
+        self.attentions = ModuleList([
             Attention(out_channels, config.attention_head_dim, config.norm_num_groups, config.norm_eps,
                       rngs=rngs, dtype=dtype)
             for _ in range(config.layers_per_block)]) if attention else None
-        self.downsamplers = (nnx.List([Downsample2D(out_channels, config.downsample_padding, rngs=rngs, dtype=dtype)])
+        self.downsamplers = (ModuleList([Downsample2D(out_channels, config.downsample_padding, rngs=rngs, dtype=dtype)])
                              if add_downsample else None)
 
     def __call__(self, x, temb, dropout_key=None):
@@ -346,12 +347,12 @@ class UpBlock(nnx.Module):
             resnet_in = prev_output_channels if i == 0 else out_channels
             resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, temb_channels, config,
                                          index=counter(), rngs=rngs, dtype=dtype))
-        self.resnets = nnx.List(resnets)
-        self.attentions = nnx.List([
+        self.resnets = ModuleList(resnets)
+        self.attentions = ModuleList([
             Attention(out_channels, config.attention_head_dim, config.norm_num_groups, config.norm_eps,
                       rngs=rngs, dtype=dtype)
             for _ in range(num_layers)]) if attention else None
-        self.upsamplers = nnx.List([Upsample2D(out_channels, rngs=rngs, dtype=dtype)]) if add_upsample else None
+        self.upsamplers = ModuleList([Upsample2D(out_channels, rngs=rngs, dtype=dtype)]) if add_upsample else None
 
     def __call__(self, x, skips, temb, dropout_key=None):
         for i, resnet in enumerate(self.resnets):
@@ -370,10 +371,10 @@ class UNetMidBlock2D(nnx.Module):
             attn_groups = config.attn_norm_num_groups
         else:  # diffusers: the mid attention has no group norm under scale_shift
             attn_groups = config.norm_num_groups if config.resnet_time_scale_shift == "default" else None
-        self.resnets = nnx.List([
+        self.resnets = ModuleList([
             ResnetBlock2D(channels, channels, temb_channels, config, index=counter(), output_scale_factor=scale,
                           rngs=rngs, dtype=dtype) for _ in range(2)])
-        self.attentions = nnx.List([
+        self.attentions = ModuleList([
             Attention(channels, config.attention_head_dim, attn_groups, config.norm_eps,
                       rescale_output_factor=scale, rngs=rngs, dtype=dtype)]) if config.add_attention else None
 
@@ -428,7 +429,7 @@ class UNet2D(nnx.Module):
             in_ch, out_ch = out_ch, channels[i]
             down.append(DownBlock(in_ch, out_ch, temb, config, attention=block_type == "AttnDownBlock2D",
                                   add_downsample=i < len(channels) - 1, counter=counter, rngs=rngs, dtype=dtype))
-        self.down_blocks = nnx.List(down)
+        self.down_blocks = ModuleList(down)
         self.mid_block = (UNetMidBlock2D(channels[-1], temb, config, counter=counter, rngs=rngs, dtype=dtype)
                           if config.mid_block_type is not None else None)
         up, reversed_ch = [], list(reversed(channels))
@@ -438,7 +439,7 @@ class UNet2D(nnx.Module):
             in_ch = reversed_ch[min(i + 1, len(channels) - 1)]
             up.append(UpBlock(in_ch, prev_ch, out_ch, temb, config, attention=block_type == "AttnUpBlock2D",
                               add_upsample=i < len(channels) - 1, counter=counter, rngs=rngs, dtype=dtype))
-        self.up_blocks = nnx.List(up)
+        self.up_blocks = ModuleList(up)
         self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], config.norm_eps)
         self.conv_out = conv(channels[0], config.out_channels, 3, rngs, dtype)
 

@@ -20,14 +20,19 @@ NOTEBOOKS = {
     "01_introduction_to_flaxdiff.ipynb": HERE / "src" / "01_introduction_to_flaxdiff.py",
     "02_diffusion_models_from_scratch.ipynb": HERE.parent / "examples" / "from_scratch.py",
 }
-INSTALL = '''# On Colab or Kaggle: install flaxdiff (skipped where it is installed already).
+INSTALL = '''# On Colab or Kaggle: install flaxdiff, keeping the runtime's own jax, jaxlib and TPU/GPU plugin, which
+# match each other (upgrading jax alone would lose the accelerator). Skipped where flaxdiff is installed.
 # For the full recipe pick a TPU runtime (Colab: Runtime > Change runtime type > TPU; Kaggle: Accelerator > TPU).
 import importlib.util
+import os
 import subprocess
 import sys
 
 if importlib.util.find_spec("flaxdiff") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/flaxdiff/flaxdiff"])'''
+    if not os.path.isdir("flaxdiff"):
+        subprocess.check_call(["git", "clone", "-q", "https://github.com/flaxdiff/flaxdiff"])
+    subprocess.check_call(["bash", "flaxdiff/scripts/install-keep-jax.sh", "-q"])
+    sys.path.insert(0, os.path.abspath("flaxdiff"))  # this kernel sees the new package without a restart'''
 
 
 def cells_of(source: str) -> list:

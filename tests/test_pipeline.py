@@ -10,6 +10,7 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,
                        DPMSolverMultistepScheduler)
 
 from flaxdiff import DiffusionPipeline
+from flaxdiff.compat import set_mesh
 from flaxdiff.diffusers_io import unet_state_dict
 from flaxdiff.pipeline import sample_program
 from stand_in import nhwc
@@ -125,7 +126,7 @@ def test_a_mesh_set_by_the_caller_changes_nothing(pipe, batch):
     guide sets them up), the pipeline still samples on its own mesh: the same images as without."""
     want = pipe(batch_size=batch, num_inference_steps=4, sampler="ddpm", seed=5)
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    with jax.set_mesh(mesh):
+    with set_mesh(mesh):
         got = pipe(batch_size=batch, num_inference_steps=4, sampler="ddpm", seed=5)
     np.testing.assert_array_equal(got, want)
 

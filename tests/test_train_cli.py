@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.numpy import load_file
 
 import train as train_cli
 from cli_runs import STEPS, flags, run_cli
+from flaxdiff import backend
 
 def test_output_folder(finished_run):
     out, log = finished_run
@@ -53,7 +55,8 @@ def test_sigkill_then_resume_equals_uninterrupted(finished_run, micro_config, tm
     the train step. So this also checks that the device path trains on the same batches, bit for bit.
     """
     reference, reference_log = finished_run
-    assert "on the host (CPU devices share host memory" in reference_log
+    if not backend.forced():  # with the TPU/GPU paths the reference keeps the dataset on the devices too
+        assert "on the host (CPU devices share host memory" in reference_log
     out = tmp_path / "killed"
     process = run_cli(flags(micro_config, out))
     deadline = time.time() + 600
@@ -124,6 +127,33 @@ def test_checkpoints_total_limit_then_overwrite_output_dir(micro_config, tmp_pat
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8, 12, 16]
     assert json.loads((out / "train_config.json").read_text())["total_steps"] == 16
+
+
+def test_bf16_and_remat_run_saves_float32_and_says_what_the_step_needs(micro_config, tmp_path):
+    """--mixed_precision bf16 --gradient_checkpointing: the pipeline and the checkpoint hold float32;
+    the log starts with the doctor's line and says the step's memory against the device's."""
+    out = tmp_path / "bf16"
+    process = run_cli(flags(micro_config, out, "--mixed_precision", "bf16", "--gradient_checkpointing", steps=8),
+                      env={**os.environ, "FLAXDIFF_DEVICE_MEMORY": "16GB"})
+    log, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, log
+    assert log.startswith("flaxdiff ") and "versions match" in log.splitlines()[0]
+    assert "of 16.00 GB per device" in log and "the step needs" in log
+    weights = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {np.dtype(np.float32)}
+    from flaxdiff.checkpoint import Checkpoints
+    state = Checkpoints(out / "checkpoints", read_only=True).restore(8, None)
+    floats = {leaf.dtype for leaf in jax.tree.leaves(state) if leaf.dtype.kind == "f"}
+    assert floats == {np.dtype(np.float32)}
+
+
+def test_a_step_too_big_for_the_device_stops_with_both_figures(capsys, micro_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAXDIFF_DEVICE_MEMORY", "3MB")  # a simulated device too small for the step
+    message = cli_error(capsys, flags(micro_config, tmp_path / "o", steps=8))
+    assert "the train step needs" in message and "per device but" in message and "3.0 MB" in message
+    for hint in ("--train_batch_size 4 --gradient_accumulation_steps 2", "--gradient_checkpointing",
+                 "--mixed_precision bf16"):
+        assert hint in message, message
 
 
 def test_second_run_reads_its_programs_from_the_default_compilation_cache(micro_config, tmp_path):

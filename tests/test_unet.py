@@ -11,6 +11,7 @@ from diffusers import UNet2DModel
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from flaxdiff.compat import variable_value
 from flaxdiff.diffusers_io import load_unet, save_unet, unet_state_dict
 from flaxdiff.unet import UNet2D, UNet2DConfig
 from torch_models import CONFIGS, TINY, perturbed_unet
@@ -107,7 +108,7 @@ def test_deprecated_attention_names_load(saved_unets, tmp_path):
     a, b = load_unet(folder), load_unet(tmp_path)
     for (pa, va), (pb, vb) in zip(nnx.state(a, nnx.Param).flat_state(), nnx.state(b, nnx.Param).flat_state()):
         assert pa == pb
-        np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()))
+        np.testing.assert_array_equal(np.asarray(variable_value(va)), np.asarray(variable_value(vb)))
 
 
 def test_mismatched_weights_are_listed(saved_unets, tmp_path):

@@ -23,8 +23,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from .. import parallel
+from ..backend import accelerator_paths
 from ..data import DataError
-from ..parallel import AXIS, global_batch, replicate
+from ..parallel import AXIS, format_bytes, global_batch, replicate
 from .options import OptionsError
 
 BATCH_AXIS = 2  # (K, accumulation, micro_batch, ...)
@@ -81,40 +82,37 @@ def process_slice(indices: np.ndarray, process_index: int, process_count: int) -
 AUTO_SHARE = 0.25  # --dataset_on_device auto: at most this share of a device's memory
 
 
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-
-
 def dataset_placement(mode: str, nbytes: int) -> tuple[bool, str]:
     """Whether the uint8 dataset of `nbytes` stays in device memory (--dataset_on_device), and why.
 
     Every device holds a full copy. On TPUs/GPUs it sits in the device's own memory and saves the
     per-step host-to-device copy of the batch; `auto` takes that when the dataset needs at most
     AUTO_SHARE of the device's memory. CPU devices live in host memory, where a copy per device
-    gains nothing (measured: benchmarks/bench_data_path.py), so `auto` keeps the host path there;
-    `yes` still works, counted against the host's RAM.
+    gains nothing (measured: benchmarks/bench_data_path.py), so `auto` keeps the host path there
+    (unless the process takes the TPU/GPU paths, flaxdiff/backend.py); `yes` still works, counted
+    against the host's RAM.
     """
     if mode == "no":
         return False, "on the host (--dataset_on_device no)"
     per_device = parallel.device_memory_bytes()
     if per_device is not None:
         need, room = nbytes, per_device
-        where = f"a {jax.local_devices()[0].device_kind} device's {_size(room)}"
+        where = f"a {jax.local_devices()[0].device_kind} device's {format_bytes(room)}"
     else:
-        if mode == "auto":
+        if mode == "auto" and not accelerator_paths():
             return False, "on the host (CPU devices share host memory; --dataset_on_device yes to copy it to each)"
         need, room = nbytes * jax.local_device_count(), parallel.host_memory_bytes()
-        where = f"host memory ({_size(room or 0)}) for {jax.local_device_count()} CPU device copies"
+        where = f"host memory ({format_bytes(room or 0)}) for {jax.local_device_count()} CPU device copies"
     if mode == "auto":
         if need <= AUTO_SHARE * room:
-            return True, f"in device memory ({_size(nbytes)} per device)"
-        return False, (f"on the host: {_size(need)} is more than {AUTO_SHARE:.0%} of {where} "
+            return True, f"in device memory ({format_bytes(nbytes)} per device)"
+        return False, (f"on the host: {format_bytes(need)} is more than {AUTO_SHARE:.0%} of {where} "
                        "(--dataset_on_device yes to override)")
     if room is not None and need > 0.9 * room:
-        raise OptionsError(f"--dataset_on_device yes: the dataset needs {_size(need)} as uint8 but {where} "
+        raise OptionsError(f"--dataset_on_device yes: the dataset needs {format_bytes(need)} as uint8 but {where} "
                            "cannot hold it next to the model; use --dataset_on_device no (batches gathered on "
                            "the host and prefetched) or fewer images (--max_train_samples)")
-    return True, f"in device memory ({_size(nbytes)} per device, --dataset_on_device yes)"
+    return True, f"in device memory ({format_bytes(nbytes)} per device, --dataset_on_device yes)"
 
 
 class DeviceDataset:

@@ -18,6 +18,7 @@ from ..host import release_free_memory
 from ..hub import push_to_hub
 from ..images import image_grid, to_unit_range
 from ..pipeline import DiffusionPipeline, sample_program
+from .memory import preflight
 from .metrics import Progress, plot_loss_curve
 from .model_card import model_card
 from .options import TrainOptions, resolve_options
@@ -92,14 +93,15 @@ def dispatch_schedule(start: int, total: int, steps_per_dispatch: int, every: tu
 
 
 def compile_ahead(run: Run, progress: Progress, state, batch, count: int) -> None:
-    """Compile the step before its first call, read the model's FLOPs from XLA's cost analysis
-    (for the logged FLOP/s and MFU), and return the compiler's freed memory to the OS before the
-    step allocates its buffers. The jitted call reuses this executable."""
+    """Compile the step before its first call: check that it fits a device (memory.preflight),
+    read the model's FLOPs from XLA's cost analysis (for the logged FLOP/s and MFU), and return the
+    compiler's freed memory to the OS before the step allocates its buffers. The jitted call
+    reuses this executable."""
     lowered = run.train_step.lower(state, batch, *run.feed.step_inputs)
     progress.flops_per_step = float((lowered.cost_analysis() or {}).get("flops", 0.0)) / count
     peak = parallel.peak_flops_per_device()
     progress.peak_flops = peak * jax.device_count() if peak else None
-    lowered.compile()
+    progress.write(preflight(lowered.compile(), run.opts))
     release_free_memory()
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 import jax
 from jax.sharding import Mesh
 
-from .. import parallel
+from .. import doctor, parallel
 from ..data import BUILTIN, DataSpec, load_images, resolve_dataset_name
 from ..hub import check_hub_access
 from ..samplers import Plan, make_sampler
@@ -60,6 +60,7 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
     """`opts` resolved (options.resolve_options); bad input fails here before any expensive work."""
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda *a, **k: None)
+    say(doctor.summary())  # what this run runs on, for bug reports (python -m flaxdiff.doctor says more)
 
     # ---- everything that can be wrong, before any expensive work
     resolve_dataset_name(opts.dataset)  # a missing folder fails here

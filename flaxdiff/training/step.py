@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from ..backend import accelerator_paths
 from ..choices import LR_SCHEDULERS, PREDICTION_TYPES, check_choice
 from ..images import to_model_range
 from ..parallel import AXIS, per_device, replicated
@@ -196,7 +197,7 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: TrainStepConfig, 
     """
     tx = make_optimizer(config)
     schedule_fn = learning_rate_schedule(config)
-    loop = _unrolled_scan if jax.default_backend() == "cpu" else jax.lax.scan
+    loop = jax.lax.scan if accelerator_paths() else _unrolled_scan
     base_key = jax.random.key(seed)
     num_train_timesteps = schedule.num_train_timesteps
 
