@@ -6,6 +6,7 @@ DDPMPipeline folder (local or on the Hub).
     python sample.py --model flaxdiff-shapes-32 --sampler dpmsolver++ --num_inference_steps 20 \\
         --num_images 64 --output grid.png --output_dir images/ --save_npz images.npz
     python sample.py --model google/ddpm-cifar10-32 --sampler ddim    # a Hub pipeline
+    python sample.py --model flaxdiff-shapes-32-cond --class_labels circle,cross --guidance_scale 3
 
 Each batch is one compiled program (the whole reverse process in one lax.scan), spread over all
 devices; the same --seed gives the same images on the same machine.
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None, help="a folder for one PNG per image")
     parser.add_argument("--save_npz", default=None, help="a .npz with the images as uint8 NHWC ('images')")
     parser.add_argument("--no_ema", action="store_true", help="for checkpoints: the training weights, not the EMA")
+    parser.add_argument("--class_labels", default=None, help="class-conditional models: the classes to sample, as "
+                        "numbers or names, comma-separated (1,5 or circle,cross), repeated over the images "
+                        "(default: every class in turn)")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance for "
+                        "class-conditional models trained with a null class (1: none; 3 is a good start; "
+                        "default: none)")
     return parser
 
 
@@ -95,13 +102,19 @@ def run(args) -> int:
         raise ValueError(f"--batch_size {batch} must be divisible by the {devices} devices, so every device "
                          f"gets the same share; use a multiple of {devices}")
     plan = pipe.plan(args.sampler, args.num_inference_steps, args.eta)
+    labels = image_labels(pipe, args.class_labels, math.ceil(args.num_images / batch) * batch)
+    pipe.condition(None if labels is None else labels[:batch], args.guidance_scale, batch)  # bad input fails now
     print(f"{args.num_images} images from {args.model} with {plan.kind}, {plan.num_steps} steps, "
-          f"batches of {batch} over {devices} device(s)")
+          f"batches of {batch} over {devices} device(s)"
+          + ("" if labels is None else f"; classes {', '.join(pipe.class_labels.names[i] for i in sorted(set(labels)))}"
+             + (f", guidance {args.guidance_scale}" if args.guidance_scale is not None else "")))
     key = jax.random.key(args.seed)
     chunks = []
     for index in tqdm(range(math.ceil(args.num_images / batch)), desc="sampling", unit="batch"):
         chunks.append(pipe(batch_size=batch, num_inference_steps=plan.num_steps, sampler=args.sampler,
-                           eta=args.eta, key=jax.random.fold_in(key, index)))
+                           eta=args.eta, key=jax.random.fold_in(key, index),
+                           class_labels=None if labels is None else labels[index * batch:(index + 1) * batch],
+                           guidance_scale=args.guidance_scale))
     images = to_uint8(np.concatenate(chunks)[:args.num_images])
     written = []
     if args.output_dir:
@@ -119,6 +132,22 @@ def run(args) -> int:
         written.append(grid_path)
     print("wrote " + ", ".join(written))
     return 0
+
+
+def image_labels(pipe, requested: str | None, count: int):
+    """The class label of each image: --class_labels repeated, or every class in turn; None for an
+    unconditional model (which takes no labels)."""
+    if pipe.class_labels is None:
+        if requested is not None:
+            raise ValueError("--class_labels: this model is unconditional")
+        return None
+    if requested is None:
+        if not pipe.class_labels.names:
+            raise ValueError("this class-conditional model does not name its classes: give --class_labels")
+        classes = list(range(len(pipe.class_labels.names)))
+    else:
+        classes = [pipe.class_labels.label_of(value.strip()) for value in requested.split(",") if value.strip()]
+    return [classes[i % len(classes)] for i in range(count)]
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = ()) 
     latents = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
     key = jax.random.key(1)
     # the batch over every device, as DiffusionPipeline.__call__ (and sample.py) run it
-    _, (state, plan, latents, _, _) = spread_over_devices(state, pipe.plan(sampler, steps), latents, None)
+    _, (state, plan, latents, _, _, _) = spread_over_devices(state, pipe.plan(sampler, steps), latents, None)
     result = {"devices": jax.device_count()}
     for count in compile_only:  # compile times of the same sampler at other step counts
         _, (_, other, *_) = spread_over_devices(state, pipe.plan(sampler, count), latents, None)

@@ -2,8 +2,8 @@
 trained on real MNIST digits by flaxdiff's train.py and by a faithful transcription of diffusers'
 train_unconditional.py loop in PyTorch; both scored on 1,000 held-out digits in bits/dim.
 
-    python benchmarks/quality_mnist.py                     # ~40 minutes on 2 CPU cores
-    python benchmarks/quality_mnist.py --steps 200         # a smoke run
+    python benchmarks/quality_mnist.py                     # 3 seeds a side: ~3 hours on 2 CPU cores
+    python benchmarks/quality_mnist.py --steps 200 --seeds 0  # a smoke run
 
 The data is ../shared/data/mnist_t10k.npz (the MNIST test set): the first 9,000 digits train, the
 last 1,000 are held out. The PyTorch model is saved as a diffusers DDPMPipeline folder and loaded
@@ -110,6 +110,13 @@ def train_diffusers(images: np.ndarray, config_json: Path, out: Path, hp: dict) 
     return seconds
 
 
+def seed_statistics(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error over seeds (nan for one seed)."""
+    mean = float(np.mean(values))
+    error = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return mean, error
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist_t10k.npz"))
@@ -117,16 +124,19 @@ def main() -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2", help="the seeds each side trains with (default 0,1,2): the "
+                        "seed-to-seed spread is what tells a real difference from chance")
     parser.add_argument("--num_timesteps", type=int, default=50, help="Monte-Carlo timesteps per held-out image")
     parser.add_argument("--work_dir", default=str(HERE / "results" / "quality_mnist"))
     parser.add_argument("--only", choices=("flaxdiff", "diffusers"), help="train only one side (then evaluate both "
                         "that exist)")
+    parser.add_argument("--evaluate_only", action="store_true", help="train nothing: score the runs that exist")
     args = parser.parse_args()
     if not Path(args.data).is_file():
         print(f"error: {args.data} not found: pass --data with the MNIST .npz (uint8 images (N, 28, 28, 1))",
               file=sys.stderr)
         return 2
+    seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     digits = np.load(args.data)["images"]
@@ -134,39 +144,59 @@ def main() -> int:
     np.savez(work / "train.npz", images=train_images)
     config_json = work / "unet_config.json"
     config_json.write_text(json.dumps(UNET))
-    hp = hyperparameters(args)
     results_file = HERE / "results" / "quality_mnist.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    results.update(hyperparameters=hp, unet=UNET, train_images=len(train_images), held_out_images=len(held_out))
+    args.seed = seeds[0]
+    results.update(hyperparameters={k: v for k, v in hyperparameters(args).items() if k != "seed"}, unet=UNET,
+                   train_images=len(train_images), held_out_images=len(held_out), seeds=seeds)
+    runs = results.setdefault("runs", {})
 
-    if args.only in (None, "flaxdiff"):
-        seconds = train_flaxdiff(work / "train.npz", config_json, work / "flaxdiff", hp)
-        results["flaxdiff_train_seconds"] = seconds
-    if args.only in (None, "diffusers"):
-        seconds = train_diffusers(train_images, config_json, work / "diffusers", hp)
-        results["diffusers_train_seconds"] = seconds
+    sides = [args.only] if args.only else ["flaxdiff", "diffusers"]
+    for seed in seeds:
+        args.seed = seed
+        hp = hyperparameters(args)
+        for side in sides:
+            out = work / f"seed{seed}" / side
+            if args.evaluate_only or (out / "model_index.json").exists():
+                continue  # resumable: a finished run is kept
+            train = train_flaxdiff if side == "flaxdiff" else (
+                lambda _npz, config, folder, hp: train_diffusers(train_images, config, folder, hp))
+            seconds = train(work / "train.npz", config_json, out, hp)
+            runs.setdefault(f"{side}/seed{seed}", {})["train_seconds"] = seconds
+            results_file.write_text(json.dumps(results, indent=2) + "\n")
 
     from flaxdiff import DiffusionPipeline
+    from flaxdiff.bound import pipeline_bits_per_dim
     from flaxdiff.images import image_grid
-    from flaxdiff.evaluate import pipeline_bits_per_dim
 
-    scores = {}
-    for name in ("flaxdiff", "diffusers"):
-        if not (work / name / "model_index.json").exists():
-            continue
-        pipe = DiffusionPipeline.from_pretrained(work / name)
-        score = pipeline_bits_per_dim(pipe, held_out, num_timesteps=args.num_timesteps, batch_size=200, seed=1,
-                                      progress=True)
-        print(f"{name}: {score}")
-        scores[name] = score
-        results[name] = {"bits_per_dim": score.bits_per_dim, "standard_error": score.standard_error,
-                         "num_images": score.num_images, "num_timesteps": score.num_timesteps}
-        images = pipe(batch_size=64, num_inference_steps=100, sampler="ddim", seed=0)
-        image_grid(images).resize((8 * 28 * 2, 8 * 28 * 2)).save(ROOT / "docs" / f"quality_mnist_{name}.png")
-    if len(scores) == 2:
-        difference = scores["flaxdiff"].per_image - scores["diffusers"].per_image
-        results["paired_difference"] = {"mean": float(difference.mean()),
-                                        "standard_error": float(difference.std(ddof=1) / math.sqrt(len(difference)))}
+    per_image = {}
+    for seed in seeds:
+        for side in ("flaxdiff", "diffusers"):
+            folder = work / f"seed{seed}" / side
+            if not (folder / "model_index.json").exists():
+                continue
+            pipe = DiffusionPipeline.from_pretrained(folder)
+            # the same timesteps and noise for every model (seed 1 of the bound), so differences pair up
+            score = pipeline_bits_per_dim(pipe, held_out, num_timesteps=args.num_timesteps, batch_size=200, seed=1,
+                                          progress=True)
+            print(f"{side}, seed {seed}: {score}")
+            per_image[(side, seed)] = score.per_image
+            runs.setdefault(f"{side}/seed{seed}", {}).update(bits_per_dim=score.bits_per_dim,
+                                                           standard_error=score.standard_error)
+            if seed == seeds[0]:
+                images = pipe(batch_size=64, num_inference_steps=100, sampler="ddim", seed=0)
+                image_grid(images).resize((8 * 28 * 2, 8 * 28 * 2)).save(ROOT / "docs" / f"quality_mnist_{side}.png")
+    summary = {}
+    for side in ("flaxdiff", "diffusers"):
+        values = [runs[f"{side}/seed{s}"]["bits_per_dim"] for s in seeds if (side, s) in per_image]
+        if values:
+            summary[side] = dict(zip(("mean", "seed_standard_error"), seed_statistics(values)), seeds=len(values))
+    paired = [float((per_image[("flaxdiff", s)] - per_image[("diffusers", s)]).mean()) for s in seeds
+              if ("flaxdiff", s) in per_image and ("diffusers", s) in per_image]
+    if paired:
+        mean, error = seed_statistics(paired)
+        summary["gap"] = {"mean": mean, "seed_standard_error": error, "per_seed": paired}
+    results["summary"] = summary
     results_file.parent.mkdir(exist_ok=True)
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
@@ -174,18 +204,22 @@ def main() -> int:
 
 
 def table(r: dict) -> str:
-    hp = r["hyperparameters"]
+    hp, summary = r["hyperparameters"], r.get("summary", {})
     lines = [f"MNIST, {r['train_images']} training digits, {hp['max_train_steps']} steps of batch "
-             f"{hp['train_batch_size']}, lr {hp['learning_rate']} cosine, EMA; held-out: {r['held_out_images']} digits",
-             "", "| trained with | held-out bits/dim | train time |", "| --- | --- | --- |"]
-    for name in ("flaxdiff", "diffusers"):
-        if name in r:
-            lines.append(f"| {name} | {r[name]['bits_per_dim']:.3f} ± {r[name]['standard_error']:.3f} | "
-                         f"{r.get(name + '_train_seconds', float('nan')):.0f} s |")
-    if "paired_difference" in r:
-        d = r["paired_difference"]
-        lines.append(f"\nflaxdiff - diffusers, paired over the same images and draws: {d['mean']:+.4f} ± "
-                     f"{d['standard_error']:.4f} bits/dim")
+             f"{hp['train_batch_size']}, lr {hp['learning_rate']} cosine, EMA; held-out: {r['held_out_images']} "
+             f"digits; seeds {', '.join(map(str, r['seeds']))} on each side",
+             "", "| trained with | " + " | ".join(f"seed {s}" for s in r["seeds"]) + " | mean ± seed-to-seed s.e. |",
+             "| --- | " + " | ".join("---" for _ in r["seeds"]) + " | --- |"]
+    for side in ("flaxdiff", "diffusers"):
+        if side in summary:
+            cells = [f"{r['runs'].get(f'{side}/seed{s}', {}).get('bits_per_dim', float('nan')):.3f}" for s in r["seeds"]]
+            lines.append(f"| {side} | " + " | ".join(cells) + f" | {summary[side]['mean']:.3f} ± "
+                         f"{summary[side]['seed_standard_error']:.3f} |")
+    if "gap" in summary:
+        gap = summary["gap"]
+        lines.append(f"\nflaxdiff - diffusers (held-out bits/dim, paired per seed over the same images and draws): "
+                     f"{gap['mean']:+.4f} ± {gap['seed_standard_error']:.4f} (seed-to-seed standard error; per seed "
+                     + ", ".join(f"{g:+.3f}" for g in gap["per_seed"]) + ")")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Held-out negative log-likelihood in bits/dim from the DDPM variational bound.
 
-The command line is `python -m flaxdiff.evaluate` (flaxdiff/evaluate.py). The bound (Ho et al. 2020, eq. 5) on -log p(x_0) for 8-bit images scaled to [-1, 1]:
+The command line is `python -m flaxdiff.evaluate` (flaxdiff/evaluate.py). The bound (Ho et al.
+2020, eq. 5) on -log p(x_0) for 8-bit images scaled to [-1, 1]:
 
     L = KL(q(x_T | x_0) || N(0, I))                                   the prior term
       + sum_{t=1}^{T-1} E_q KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
@@ -109,7 +110,8 @@ def prior_nats(x0, constants: BoundConstants):
 
 
 def term_nats(model_fn: Callable, x0, t, noise, constants: BoundConstants):
-    """L_t per image (nats): the decoder NLL where t == 0, the KL term elsewhere. t: (B,) int."""
+    """L_t per image (nats): the decoder NLL where t == 0, the KL term elsewhere. t: (B,) int;
+    model_fn(x_t, t) -> the model output."""
     a = {k: jnp.asarray(v)[t].reshape(-1, 1, 1, 1) for k, v in constants.arrays.items()}
     x_t = a["sqrt_alphas_cumprod"] * x0 + a["sqrt_one_minus_alphas_cumprod"] * noise
     output = model_fn(x_t, t).astype(jnp.float32)
@@ -148,11 +150,17 @@ class BitsPerDim:
 
 def bits_per_dim(model_fn: Callable, images_uint8: np.ndarray, scheduler_config: Mapping[str, Any],
                  num_timesteps: int | None = None, batch_size: int = 64, seed: int = 0,
-                 clip_denoised: bool | None = None, progress: bool = False) -> BitsPerDim:
+                 clip_denoised: bool | None = None, progress: bool = False, params: Any = None,
+                 labels: np.ndarray | None = None) -> BitsPerDim:
     """The variational bound in bits/dim on uint8 NHWC images.
 
     num_timesteps None: exact, every timestep (T model calls per image); an int K: the unbiased
-    Monte-Carlo estimate over K uniform timesteps per image. model_fn(x, t) -> model output.
+    Monte-Carlo estimate over K uniform timesteps per image. The timesteps and noise are a function
+    of (seed, image position, batch_size) only, so two models scored with the same arguments see
+    the same draws and their difference pairs up.
+    model_fn(params, x, t, labels) -> model output: `params` (the weights, a traced argument, so
+    other weights reuse the compiled program) and `labels` (int (B,) class labels, or None) are
+    passed through.
     """
     from tqdm.auto import tqdm
 
@@ -166,11 +174,11 @@ def bits_per_dim(model_fn: Callable, images_uint8: np.ndarray, scheduler_config:
     per_call = T if exact else num_timesteps
 
     @jax.jit
-    def batch_terms(x0, ts, key):
+    def batch_terms(params, x0, ts, key, labels):
         """(K, B) nats for timesteps ts (K, B)."""
         def one(t, k):
             noise = jax.random.normal(jax.random.fold_in(key, k), x0.shape, jnp.float32)
-            return term_nats(model_fn, x0, t, noise, constants)
+            return term_nats(lambda x, time: model_fn(params, x, time, labels), x0, t, noise, constants)
         return jax.lax.map(lambda tk: one(*tk), (ts, jnp.arange(ts.shape[0])))
 
     prior_fn = jax.jit(lambda x0: prior_nats(x0, constants))
@@ -186,7 +194,8 @@ def bits_per_dim(model_fn: Callable, images_uint8: np.ndarray, scheduler_config:
         else:
             ts_key = jax.random.fold_in(jax.random.fold_in(base, 1), index)
             ts = np.asarray(jax.random.randint(ts_key, (num_timesteps, len(chunk)), 0, T))
-        terms = np.asarray(batch_terms(x0, jnp.asarray(ts, jnp.int32), key), np.float64)
+        chunk_labels = None if labels is None else jnp.asarray(labels[index:index + batch_size], jnp.int32)
+        terms = np.asarray(batch_terms(params, x0, jnp.asarray(ts, jnp.int32), key, chunk_labels), np.float64)
         sum_terms = terms.sum(0) if exact else T * terms.mean(0)
         totals.append(np.asarray(prior_fn(x0), np.float64) + sum_terms)
     per_image = np.concatenate(totals) / (dims * LN2)
@@ -194,10 +203,21 @@ def bits_per_dim(model_fn: Callable, images_uint8: np.ndarray, scheduler_config:
     return BitsPerDim(float(per_image.mean()), error, n, "all" if exact else per_call, per_image)
 
 
-def pipeline_bits_per_dim(pipe, images_uint8: np.ndarray, **kwargs) -> BitsPerDim:
-    """bits_per_dim for a DiffusionPipeline's UNet and scheduler config."""
+def unet_model_fn(graphdef) -> Callable:
+    """model_fn(params, x, t, labels) of a Flax UNet2D given as (graphdef, params): for bits_per_dim."""
     from flax import nnx
 
+    return lambda params, x, t, labels: nnx.merge(graphdef, params)(x, t, class_labels=labels)
+
+
+def pipeline_bits_per_dim(pipe, images_uint8: np.ndarray, labels: np.ndarray | None = None,
+                          **kwargs) -> BitsPerDim:
+    """bits_per_dim for a DiffusionPipeline's UNet and scheduler config; a class-conditional
+    pipeline needs the images' class labels (the bound of p(x | label))."""
+    from flax import nnx
+
+    if (labels is None) != (pipe.class_labels is None):
+        raise ValueError("a class-conditional model is scored with the images' labels, an unconditional one without")
     graphdef, state = nnx.split(pipe.unet)
-    model_fn = lambda x, t: nnx.merge(graphdef, state)(x, t)  # noqa: E731
-    return bits_per_dim(model_fn, images_uint8, pipe.scheduler_config, **kwargs)
+    return bits_per_dim(unet_model_fn(graphdef), images_uint8, pipe.scheduler_config, params=state, labels=labels,
+                        **kwargs)

@@ -33,6 +33,7 @@ SAMPLER_NAMES = tuple(SAMPLERS)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "bf16")
 DATASET_ON_DEVICE = ("auto", "yes", "no")
+LOGGERS = ("tensorboard", "wandb", "none")
 
 
 def check_choice(name: str, value: Any, allowed) -> None:

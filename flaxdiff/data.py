@@ -43,6 +43,21 @@ class DataSpec:
     max_train_samples: int | None = None
     num_shapes: int = 4096  # size of the built-in dataset
     seed: int = 0
+    labels: bool = False  # also load class labels (LabeledImages.labels)
+    class_column: str | None = None  # the label column (default: the first ClassLabel column)
+
+
+@dataclasses.dataclass
+class LabeledImages:
+    """Decoded images, uint8 (N, R, R, C), and their class labels: int32 (N,) in 0..len(names)-1."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
 
 
 # --------------------------------------------------------------------------- the built-in dataset
@@ -246,8 +261,73 @@ def image_column(dataset, requested: str | None) -> str:
     raise DataError(f"the dataset has no image column (columns: {', '.join(columns)}); name it with --image_column")
 
 
+def label_column(dataset, requested: str | None) -> tuple[str, tuple[str, ...] | None]:
+    """The class-label column and its class names: --class_column, else the first ClassLabel column
+    (an image folder with one sub-folder per class has one: `label`). Names are None for a plain
+    integer column (then they are the labels' numbers)."""
+    import datasets
+
+    columns = list(dataset.features)
+    if requested is not None:
+        if requested not in columns:
+            raise DataError(f"--class_column {requested!r} is not in the dataset; its columns: {', '.join(columns)}")
+        feature = dataset.features[requested]
+        if isinstance(feature, datasets.ClassLabel):
+            return requested, tuple(feature.names)
+        if getattr(feature, "dtype", "").startswith(("int", "uint")):
+            return requested, None
+        raise DataError(f"--class_column {requested!r} holds {feature}, not class labels (a ClassLabel or integers)")
+    for column in columns:
+        if isinstance(dataset.features[column], datasets.ClassLabel):
+            return column, tuple(dataset.features[column].names)
+    raise DataError(f"class-conditional training needs class labels, and the dataset has no ClassLabel column "
+                    f"(columns: {', '.join(columns)}): name the label column with --class_column, use an image folder "
+                    "with one sub-folder per class, or an .npz with a 'labels' array")
+
+
+def checked_labels(labels, names: tuple[str, ...] | None, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Labels as int32 in 0..C-1 with C names (the numbers themselves when there are no names)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{source}: class labels must be one integer per image, got {labels.dtype} {labels.shape}")
+    count = len(names) if names is not None else int(labels.max(initial=-1)) + 1
+    bad = np.flatnonzero((labels < 0) | (labels >= count))
+    if len(bad):
+        raise DataError(f"{source}: label {labels[bad[0]]} of image #{bad[0]} is outside 0..{count - 1}"
+                        f"{' (' + ', '.join(names) + ')' if names else ''}; {len(bad)} image(s) in all")
+    return labels.astype(np.int32), names if names is not None else tuple(str(i) for i in range(count))
+
+
+def class_names(spec: DataSpec) -> tuple[str, ...]:
+    """The class names of a labelled dataset, read without decoding any image (so wrong labels or a
+    model of another class count fail before the expensive work)."""
+    kind, name = resolve_dataset_name(spec.dataset)
+    if kind == "builtin":
+        return SHAPE_KINDS
+    if kind == "npz":
+        with np.load(name) as archive:
+            if "labels" not in archive:
+                raise DataError(f"class-conditional training needs a 'labels' array in {name} (it has: "
+                                f"{', '.join(archive.files)})")
+            names = tuple(str(n) for n in archive["label_names"]) if "label_names" in archive else None
+            return checked_labels(archive["labels"], names, name)[1]
+    dataset = open_dataset(spec)
+    column, names = label_column(dataset, spec.class_column)
+    return names if names is not None else checked_labels(dataset[column], None, f"column {column!r}")[1]
+
+
 def load_images(spec: DataSpec, progress: bool = True) -> np.ndarray:
     """Decode, convert, resize and crop every image once: uint8 (N, R, R, channels)."""
+    return load_image_data(dataclasses.replace(spec, labels=False), progress)
+
+
+def load_labeled_images(spec: DataSpec, progress: bool = True) -> LabeledImages:
+    """load_images with the class labels (see label_column) and their names."""
+    return load_image_data(dataclasses.replace(spec, labels=True), progress)
+
+
+def load_image_data(spec: DataSpec, progress: bool = True):
+    """The images, or with spec.labels a LabeledImages."""
     import datasets
     from tqdm.auto import tqdm
 
@@ -259,6 +339,10 @@ def load_images(spec: DataSpec, progress: bool = True) -> np.ndarray:
         dataset = dataset.select(range(min(spec.max_train_samples, len(dataset))))
     if len(dataset) == 0:
         raise DataError(f"the dataset {spec.dataset!r} (split {spec.split!r}) is empty")
+    labels = None
+    if spec.labels:  # before decoding: a dataset without labels fails at once
+        label_name, names = label_column(dataset, spec.class_column)
+        labels = checked_labels(dataset[label_name], names, f"column {label_name!r} of {spec.dataset}")
     raw = dataset.cast_column(column, datasets.Image(decode=False))[column]
     rng = np.random.default_rng([spec.seed, 1])  # the random crop offsets
     out = np.empty((len(raw), spec.resolution, spec.resolution, spec.channels), np.uint8)
@@ -266,17 +350,33 @@ def load_images(spec: DataSpec, progress: bool = True) -> np.ndarray:
         name = cell.get("path") or f"#{i} of {spec.dataset}" if isinstance(cell, dict) else f"#{i}"
         image = to_mode(decode(cell, name), spec.channels)
         out[i] = resize_and_crop(image, spec.resolution, spec.center_crop, rng)
-    return out
+    return out if labels is None else LabeledImages(out, *labels)
 
 
-def _load_npz(spec: DataSpec, progress: bool) -> np.ndarray:
-    """Images from a .npz: its 'images' array (uint8, NHWC or NHW), converted like any image."""
-    from tqdm.auto import tqdm
-
+def _load_npz(spec: DataSpec, progress: bool):
+    """Images from a .npz: its 'images' array (uint8, NHWC or NHW), converted like any image; with
+    spec.labels its 'labels' array too (class names from a 'label_names' array, if it has one)."""
     with np.load(spec.dataset) as archive:
         if "images" not in archive:
             raise DataError(f"{spec.dataset} has no 'images' array (it has: {', '.join(archive.files)})")
         images = archive["images"]
+        if spec.labels and "labels" not in archive:
+            raise DataError(f"class-conditional training needs a 'labels' array in {spec.dataset} (it has: "
+                            f"{', '.join(archive.files)})")
+        labels = archive["labels"] if spec.labels else None
+        names = tuple(str(n) for n in archive["label_names"]) if spec.labels and "label_names" in archive else None
+    if labels is not None:
+        if len(labels) != len(images):
+            raise DataError(f"{spec.dataset}: {len(labels)} labels for {len(images)} images")
+        labels = checked_labels(labels, names, spec.dataset)
+        labels = (labels[0][:spec.max_train_samples] if spec.max_train_samples else labels[0], labels[1])
+    out = _convert_npz_images(spec, images, progress)
+    return out if labels is None else LabeledImages(out, *labels)
+
+
+def _convert_npz_images(spec: DataSpec, images: np.ndarray, progress: bool) -> np.ndarray:
+    from tqdm.auto import tqdm
+
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise DataError(f"{spec.dataset}: 'images' must be uint8 of shape (N, H, W[, C]), got {images.dtype} "
                         f"{images.shape}")

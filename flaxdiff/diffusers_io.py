@@ -31,7 +31,7 @@ _DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", 
 
 def _diffusers_name(path: tuple) -> str:
     *prefix, leaf = (str(p) for p in path)
-    return ".".join(prefix + ["weight" if leaf in ("kernel", "scale") else leaf])
+    return ".".join(prefix + ["weight" if leaf in ("kernel", "scale", "embedding") else leaf])
 
 
 def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
@@ -87,7 +87,8 @@ def load_unet_state_dict(model: UNet2D, state_dict: Mapping[str, np.ndarray]) ->
         lines = ["the weights do not fit this UNet config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                more = " ..." if len(items) > 20 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
         lines.append("Check that config.json belongs to these weights.")
         raise ValueError("\n".join(lines))
     for var, value in new_values:
@@ -116,13 +117,15 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     return {name: value.astype(np.float32) if value.dtype != np.float32 else value for name, value in tensors.items()}
 
 
-def load_unet(folder: str | os.PathLike, dtype=jnp.float32, gradient_checkpointing: bool = False) -> UNet2D:
-    """A diffusers UNet2DModel folder (config.json + safetensors) as a Flax `UNet2D`."""
+def load_unet(folder: str | os.PathLike, dtype=jnp.float32, gradient_checkpointing: bool = False,
+              config: UNet2DConfig | None = None) -> UNet2D:
+    """A diffusers UNet2DModel folder (config.json + safetensors) as a Flax `UNet2D`; `config`
+    replaces the folder's (the same weights with, e.g., another sample_size)."""
     folder = Path(folder)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not a diffusers UNet2DModel folder")
-    config = UNet2DConfig.from_json_file(config_file)
+    config = config or UNet2DConfig.from_json_file(config_file)
     state_dict = read_safetensors(folder)
     model = UNet2D(config, rngs=nnx.Rngs(0), dtype=dtype, gradient_checkpointing=gradient_checkpointing)
     return load_unet_state_dict(model, state_dict)

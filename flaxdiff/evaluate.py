@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test", help="the dataset split (default: test; the built-in shapes "
                         "have a held-out test split too)")
     parser.add_argument("--image_column", default=None, help="the column with the images")
+    parser.add_argument("--class_column", default=None, help="class-conditional models: the column with the "
+                        "images' class labels (default: the first ClassLabel column); the bound is of p(image | label)")
     parser.add_argument("--num_images", type=int, default=256, help="how many images to evaluate (default: 256)")
     parser.add_argument("--num_timesteps", type=int, default=50, help="timesteps per image for the Monte-Carlo "
                         "estimate (default: 50)")
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from flaxdiff.bound import pipeline_bits_per_dim
-    from flaxdiff.data import DataSpec, load_images
+    from flaxdiff.data import DataSpec, load_image_data
     from flaxdiff.load import load_pipeline
     from flaxdiff.runtime import enable_compilation_cache
 
@@ -58,9 +60,10 @@ def _run(args) -> int:
     spec = DataSpec(dataset=args.dataset, resolution=config.image_size[0], channels=config.in_channels,
                     center_crop=True, dataset_config_name=args.dataset_config_name, split=args.split,
                     image_column=args.image_column, max_train_samples=args.num_images,
-                    num_shapes=args.num_images)
-    images = load_images(spec)
-    result = pipeline_bits_per_dim(pipe, images, num_timesteps=None if args.exact else args.num_timesteps,
+                    num_shapes=args.num_images, labels=pipe.class_labels is not None, class_column=args.class_column)
+    data = load_image_data(spec)
+    images, labels = (data, None) if pipe.class_labels is None else (data.images, model_labels(pipe, data))
+    result = pipeline_bits_per_dim(pipe, images, labels, num_timesteps=None if args.exact else args.num_timesteps,
                                    batch_size=args.batch_size, seed=args.seed,
                                    clip_denoised=False if args.no_clip else None, progress=True)
     print(f"{args.model} on {args.dataset}: {result}")
@@ -68,6 +71,20 @@ def _run(args) -> int:
         with open(args.output_json, "w") as f:
             json.dump({k: v for k, v in dataclasses.asdict(result).items() if k != "per_image"}, f, indent=2)
     return 0
+
+
+def model_labels(pipe, data):
+    """The data's labels in the model's numbering: by class name where the model names its classes,
+    as they are where it only numbers them."""
+    import numpy as np
+
+    names = pipe.class_labels.names
+    if tuple(data.names) == tuple(names) or all(name.isdigit() for name in names):
+        return data.labels
+    unknown = sorted(set(data.names) - set(names))
+    if unknown:
+        raise ValueError(f"the dataset's classes {', '.join(unknown)} are not among the model's ({', '.join(names)})")
+    return np.asarray([names.index(data.names[label]) for label in data.labels], np.int32)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Sharing a trained model on the Hugging Face Hub: checking access before training, the upload.
+"""The Hugging Face Hub: pipeline folders from it (or local ones), checking access before training, the upload.
 
 Only the diffusers pipeline and what its card shows go up (model_index.json, unet/, scheduler/,
 README.md, samples.png, loss_curve.png, train_config.json); the Orbax checkpoints, the per-epoch
@@ -7,10 +7,39 @@ grids and the logs stay on disk.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 UPLOADED = ("model_index.json", "unet/*", "scheduler/*", "README.md", "samples.png", "loss_curve.png",
             "train_config.json")
+
+
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+
+
+def is_pipeline_folder(path: Path) -> bool:
+    return (path / MODEL_INDEX).is_file() or ((path / "unet").is_dir() and (path / "scheduler").is_dir())
+
+
+def resolve_pipeline_folder(path: str | os.PathLike) -> Path:
+    """A local diffusers pipeline folder, or a Hub repo id downloaded to the local cache (only
+    model_index.json, unet/ and scheduler/)."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir() or not is_pipeline_folder(local):
+            raise ValueError(f"{local} is not a diffusers pipeline folder: expected {MODEL_INDEX}, unet/ and "
+                             "scheduler/ in it (as DDPMPipeline.save_pretrained or train.py writes)")
+        return local
+    if str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
+        raise ValueError(f"{path} does not exist, and is not a Hub repo id of the form owner/name")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(path), allow_patterns=["model_index.json", "unet/*", "scheduler/*"]))
+    except Exception as error:  # network, authentication, missing repo: all end here
+        raise ValueError(f"{path} is not a local folder and could not be downloaded from the Hugging Face Hub "
+                         f"({type(error).__name__}: {error}). Check the id, your network, or pass a local "
+                         "folder.") from error
 
 
 def default_repo_name(output_dir: str | Path) -> str:

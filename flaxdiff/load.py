@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .pipeline import DiffusionPipeline, is_pipeline_folder
+from .hub import is_pipeline_folder
+from .pipeline import DiffusionPipeline
 
 
 def load_pipeline(path: str | os.PathLike, use_ema: bool = True) -> DiffusionPipeline:

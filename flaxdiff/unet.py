@@ -77,8 +77,7 @@ class UNet2DConfig:
         "upsample_type": ("conv",),
         "act_fn": tuple(ACTIVATIONS),
         "resnet_time_scale_shift": ("default", "scale_shift"),
-        "class_embed_type": (None,),
-        "num_class_embeds": (None,),
+        "class_embed_type": (None, "timestep", "identity"),
     }
 
     def __post_init__(self):
@@ -107,6 +106,9 @@ class UNet2DConfig:
                                  f"block_out_channels {self.block_out_channels}")
         if self.layers_per_block < 1:
             raise ValueError(f"UNet2DModel config: layers_per_block must be >= 1, got {self.layers_per_block}")
+        classes = self.num_class_embeds
+        if classes is not None and (not isinstance(classes, int) or classes < 1):
+            raise ValueError(f"UNet2DModel config: num_class_embeds must be a positive integer, got {classes}")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "UNet2DConfig":
@@ -141,6 +143,11 @@ class UNet2DConfig:
         if isinstance(self.sample_size, int):
             return (self.sample_size, self.sample_size)
         return tuple(self.sample_size)
+
+    @property
+    def class_conditional(self) -> bool:
+        """Whether the UNet takes class labels (diffusers: a class_embedding module exists)."""
+        return self.class_embed_type is not None or self.num_class_embeds is not None
 
     @property
     def downsampling_factor(self) -> int:
@@ -442,14 +449,40 @@ class UNet2D(nnx.Module):
         self.up_blocks = ModuleList(up)
         self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], config.norm_eps)
         self.conv_out = conv(channels[0], config.out_channels, 3, rngs, dtype)
+        # diffusers' UNet2DModel: a table of num_class_embeds rows, or the timestep MLP applied to the
+        # sinusoidal features of the label, or (identity) labels that are embeddings already
+        if config.class_embed_type is None and config.num_class_embeds is not None:
+            self.class_embedding = nnx.Embed(config.num_class_embeds, temb, dtype=dtype, param_dtype=jnp.float32,
+                                             embedding_init=nnx.initializers.normal(1.0), rngs=rngs)  # torch's N(0, 1)
+        elif config.class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(channels[0], temb, rngs=rngs, dtype=dtype)
+        else:
+            self.class_embedding = None
+
+    def _class_embedding(self, class_labels, batch: int):
+        """The class term added to the time embedding, as diffusers computes it."""
+        config = self.config
+        if class_labels is None:
+            raise ValueError("this UNet is class-conditional: pass class_labels (one integer label per image)")
+        labels = jnp.asarray(class_labels)
+        if config.class_embed_type == "identity":
+            return jnp.broadcast_to(labels, (batch, labels.shape[-1])).astype(self.dtype)
+        labels = jnp.broadcast_to(labels, (batch,))
+        if config.class_embed_type == "timestep":
+            features = timestep_embedding(labels, config.block_out_channels[0], config.flip_sin_to_cos,
+                                          config.freq_shift).astype(self.dtype)
+            return self.class_embedding(features)
+        return self.class_embedding(labels.astype(jnp.int32)).astype(self.dtype)
 
     def _call_block(self, block, *args):
         if self.gradient_checkpointing:
             return nnx.remat(lambda blk, *a: blk(*a))(block, *args)
         return block(*args)
 
-    def __call__(self, sample, timesteps, *, dropout_key=None):
-        """sample (B, H, W, in_channels); timesteps scalar or (B,); dropout_key enables dropout."""
+    def __call__(self, sample, timesteps, *, class_labels=None, dropout_key=None):
+        """sample (B, H, W, in_channels); timesteps scalar or (B,); class_labels (B,) ints for a
+        class-conditional UNet (float (B, time_embed_dim) embeddings for class_embed_type identity);
+        dropout_key enables dropout."""
         config = self.config
         batch, height, width, channels = sample.shape
         if channels != config.in_channels:
@@ -464,6 +497,11 @@ class UNet2D(nnx.Module):
         t_emb = timestep_embedding(timesteps, config.block_out_channels[0], config.flip_sin_to_cos,
                                    config.freq_shift).astype(self.dtype)
         emb = self.time_embedding(t_emb)
+        if config.class_conditional:
+            emb = emb + self._class_embedding(class_labels, batch)
+        elif class_labels is not None:
+            raise ValueError("class_labels given, but this UNet is unconditional (its config has no num_class_embeds "
+                             "or class_embed_type)")
         x = self.conv_in(sample.astype(self.dtype))
         skips = [x]
         for block in self.down_blocks:

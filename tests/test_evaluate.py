@@ -98,6 +98,11 @@ def optimal_noise_predictor():
     return predict
 
 
+def as_model_fn(model):
+    """bits_per_dim's model_fn(params, x, t, labels) of a model without weights or labels."""
+    return lambda params, x, t, labels: model(x, t)
+
+
 # The DDPM bound is not tight even for the optimal model: the reverse variances are fixed (beta_t or
 # the posterior variance), not the true ones, and the decoder at t = 0 is a Gaussian of std
 # sqrt(posterior variance at t = 1) = 0.0071 against a bin half-width of 1/255 = 0.0039. Measured
@@ -110,7 +115,7 @@ ALLOWED_GAP = {"fixed_large": 0.25, "fixed_small": 0.9}
 def test_bound_on_gaussian_data_is_close_to_and_above_the_true_nll(variance_type):
     images, true_bits = gaussian_data(2000, seed=0)
     config = {"variance_type": variance_type, "clip_sample": False}
-    model = optimal_noise_predictor()
+    model = as_model_fn(optimal_noise_predictor())
     exact = bits_per_dim(model, images, config, num_timesteps=None, batch_size=1000)
     estimate = bits_per_dim(model, images, config, num_timesteps=100, batch_size=1000, seed=1)
     gap = exact.bits_per_dim - true_bits
@@ -126,8 +131,10 @@ def test_a_worse_model_has_a_worse_bound():
     """Paired over the same images and draws: a model that shrinks its predictions scores worse."""
     images, _ = gaussian_data(500, seed=2)
     model, config = optimal_noise_predictor(), {"variance_type": "fixed_large"}
-    best = bits_per_dim(model, images, config, num_timesteps=None, batch_size=500)
-    worse = bits_per_dim(lambda x, t: model(x, t) * 0.9, images, config, num_timesteps=None, batch_size=500)
+    best = bits_per_dim(as_model_fn(model), images, config, num_timesteps=None, batch_size=500)
+    scale = jnp.float32(0.9)  # the weights of the worse model, a traced argument like a UNet's
+    worse = bits_per_dim(lambda s, x, t, _: model(x, t) * s, images, config, num_timesteps=None, batch_size=500,
+                         params=scale)
     difference = np.asarray(worse.per_image) - np.asarray(best.per_image)
     standard_error = difference.std(ddof=1) / math.sqrt(len(difference))
     assert difference.mean() > 5 * standard_error

@@ -123,36 +123,43 @@ class DeviceDataset:
     batch is bit for bit the one the host would have built: the trajectory does not change.
     """
 
-    def __init__(self, images: np.ndarray, mesh: Mesh, batch_axis: int = BATCH_AXIS):
+    def __init__(self, arrays, mesh: Mesh, batch_axis: int = BATCH_AXIS):
+        """arrays: the images, or a tuple (images, labels): one row per image each."""
         self.mesh, self.batch_axis = mesh, batch_axis
-        self.data = replicate(np.ascontiguousarray(images), mesh)
+        self.data = replicate(jax.tree.map(np.ascontiguousarray, arrays), mesh)
 
     def indices(self, local_indices: np.ndarray) -> jax.Array:
         """The global int32 index array of a batch from this process's slice (what the host sends)."""
         return global_batch(np.asarray(local_indices, np.int32), self.mesh, self.batch_axis)
 
 
-def gather_batch(data: jax.Array, indices: jax.Array, mesh: Mesh, batch_axis: int = BATCH_AXIS) -> jax.Array:
-    """Traceable `data[indices]` for a replicated `data` and `indices` sharded over `batch_axis`:
-    each device gathers its own slice of the batch from its own copy (no communication)."""
+def gather_batch(data, indices: jax.Array, mesh: Mesh, batch_axis: int = BATCH_AXIS):
+    """Traceable `data[indices]` for replicated `data` (an array, or a tuple of arrays with one row
+    per image) and `indices` sharded over `batch_axis`: each device gathers its own slice of the
+    batch from its own copy (no communication)."""
     spec = [None] * indices.ndim
     spec[batch_axis] = AXIS
-    gather = jax.shard_map(lambda d, i: d[i], mesh=mesh, in_specs=(P(), P(*spec)), out_specs=P(*spec))
+    gather = jax.shard_map(lambda d, i: jax.tree.map(lambda a: a[i], d), mesh=mesh, in_specs=(P(), P(*spec)),
+                           out_specs=P(*spec))
     return gather(data, indices)
+
 
 # --------------------------------------------------------------------------- the feed
 class Feed:
     """The batches of a run: this process's slice of each global batch, on the host or gathered on
     the devices, prepared ahead of the device by `prefetch`."""
 
-    def __init__(self, images: np.ndarray, order: BatchOrder, mesh: Mesh, on_device: bool):
+    def __init__(self, images: np.ndarray, order: BatchOrder, mesh: Mesh, on_device: bool,
+                 labels: np.ndarray | None = None):
+        """labels: int32 (N,) class labels for a class-conditional run; batches are then (images, labels)."""
         self.order, self.mesh = order, mesh
+        arrays = images if labels is None else (images, labels)
         if on_device:  # the host sends only indices; the step gathers each device's part
-            self.images, self.device_data = None, DeviceDataset(images, mesh)
+            self.arrays, self.device_data = None, DeviceDataset(arrays, mesh)
             self.step_inputs = (self.device_data.data,)
             self.gather = functools.partial(gather_batch, mesh=mesh, batch_axis=BATCH_AXIS)
         else:
-            self.images, self.device_data = images, None
+            self.arrays, self.device_data = arrays, None
             self.step_inputs, self.gather = (), None
 
     def local_indices(self, first: int, count: int) -> np.ndarray:
@@ -165,7 +172,7 @@ class Feed:
         indices = self.local_indices(first, count)
         if self.device_data is not None:
             return self.device_data.indices(indices)
-        return global_batch(self.images[indices], self.mesh, BATCH_AXIS)
+        return jax.tree.map(lambda a: global_batch(a[indices], self.mesh, BATCH_AXIS), self.arrays)
 
     def prefetch(self, dispatches: list[tuple[int, int]], depth: int = 2) -> "Prefetcher":
         return Prefetcher(self.batch, dispatches, depth)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from .. import parallel, runtime
@@ -17,7 +18,7 @@ from ..checkpoint import Checkpoints
 from ..host import release_free_memory
 from ..hub import push_to_hub
 from ..images import image_grid, to_unit_range
-from ..pipeline import DiffusionPipeline, sample_program
+from ..pipeline import ClassCondition, ClassLabels, DiffusionPipeline, sample_program
 from .memory import preflight
 from .metrics import Progress, plot_loss_curve
 from .model_card import model_card
@@ -41,7 +42,7 @@ def run_loop(run: Run) -> Path:
                                    (opts.logging_steps, opts.checkpointing_steps, order.steps_per_epoch))
     batches = run.feed.prefetch(dispatches)
     progress = Progress(run.start_step, total, opts.logging_steps, order.steps_per_epoch, order.step_size,
-                        run.metrics, run.is_main)
+                        run.metrics, run.is_main, run.logger)
     grids = SampleGrids(run)
     checkpoints = Checkpoints(run.out / CHECKPOINTS, max_to_keep=opts.checkpoints_total_limit)
     state, start_time, compile_seconds = run.state, time.perf_counter(), None
@@ -71,6 +72,7 @@ def run_loop(run: Run) -> Path:
     finally:
         progress.close()
         checkpoints.wait()
+        run.logger.close()
     checkpoints.close()
     finish(run)
     run.say(f"done: {total - run.start_step} steps in {time.perf_counter() - start_time:.0f}s (first step with "
@@ -113,29 +115,45 @@ def epoch_ended(run: Run, state, step: int, grids: "SampleGrids", progress: Prog
     if epoch % opts.save_images_epochs == 0 or last:
         path = grids.save(state, f"epoch_{epoch:04d}_step_{step:06d}")
         progress.write(f"epoch {epoch}: samples -> {path}")
+        if run.is_main:
+            run.logger.image(step, "samples", path)
     if epoch % opts.save_model_epochs == 0 or last:
         save_pipeline(run, state, progress.last_loss)
 
 
+MAX_GRID_ROWS = 16  # classes shown in a class-conditional grid
+
+
 class SampleGrids:
     """Sample grids from the sampling weights (EMA when kept), always from the same latents and
-    noise, so successive grids show the model changing, not the noise."""
+    noise, so successive grids show the model changing, not the noise. A class-conditional run's
+    grid has one row per class (the first MAX_GRID_ROWS), with --guidance_scale where it can."""
 
     def __init__(self, run: Run):
         self.run = run
         key = jax.random.key(0)
-        opts, channels = run.opts, run.model.config.in_channels
-        shape = (opts.eval_batch_size, opts.resolution, opts.resolution, channels)
+        opts, channels, names = run.opts, run.model.config.in_channels, run.record.class_names
+        count, self.columns, self.condition = opts.eval_batch_size, None, None
+        if names:
+            rows = min(len(names), MAX_GRID_ROWS)
+            self.columns = max(4, -(-count // rows))
+            count = rows * self.columns
+            labels = jnp.repeat(jnp.arange(rows, dtype=jnp.int32), self.columns)
+            guided = run.record.null_label is not None and opts.guidance_scale != 1
+            self.condition = parallel.replicate(ClassCondition(
+                labels, jnp.full_like(labels, run.record.null_label) if guided else None,
+                jnp.float32(opts.guidance_scale) if guided else None), run.mesh)
+        shape = (count, opts.resolution, opts.resolution, channels)
         self.latents = parallel.replicate(jax.random.normal(jax.random.fold_in(key, 0), shape), run.mesh)
         self.plan = parallel.replicate(run.grid_plan, run.mesh)
         self.noise_key = parallel.replicate(jax.random.fold_in(key, 1), run.mesh)
 
     def save(self, state, tag: str) -> Path:
         final = sample_program(self.run.model.sample_graphdef, sampling_params(state), self.plan, self.latents, None,
-                               self.noise_key)
+                               self.noise_key, self.condition)
         path = self.run.out / SAMPLES / f"{tag}.png"
         if self.run.is_main:
-            image_grid(to_unit_range(parallel.to_host(final))).save(path)
+            image_grid(to_unit_range(parallel.to_host(final)), columns=self.columns).save(path)
         return path
 
 
@@ -144,7 +162,9 @@ def save_pipeline(run: Run, state, final_loss: float) -> None:
     host_params = jax.tree.map(parallel.to_host, sampling_params(state))
     if run.is_main:
         unet = nnx.merge(run.model.sample_graphdef, host_params)
-        DiffusionPipeline(unet, run.record.scheduler).save_pretrained(run.out)
+        names = run.record.class_names
+        labels = ClassLabels(tuple(names), run.record.null_label) if names else None
+        DiffusionPipeline(unet, run.record.scheduler, labels).save_pretrained(run.out)
         loss = None if math.isnan(final_loss) else final_loss
         (run.out / MODEL_CARD).write_text(model_card(run.record, run.opts.hub_model_id, loss))
 

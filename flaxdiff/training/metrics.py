@@ -105,11 +105,11 @@ class Progress:
     syncs are here, at --logging_steps (and the last step)."""
 
     def __init__(self, start_step: int, total_steps: int, logging_steps: int, steps_per_epoch: int,
-                 images_per_step: int, log: MetricsLog, show: bool):
+                 images_per_step: int, log: MetricsLog, show: bool, logger=None):
         from tqdm.auto import tqdm
 
         self.total_steps, self.logging_steps, self.steps_per_epoch = total_steps, logging_steps, steps_per_epoch
-        self.images_per_step, self.log, self.show = images_per_step, log, show
+        self.images_per_step, self.log, self.show, self.logger = images_per_step, log, show, logger
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not show, desc="training", unit="step",
                         dynamic_ncols=True)
         self.meter = Throughput()
@@ -138,6 +138,8 @@ class Progress:
         row = log_row(step, (step - 1) // self.steps_per_epoch, fetched, self.meter.rate(), self.images_per_step,
                       self.flops_per_step, self.peak_flops)
         self.log.append(row)
+        if self.logger is not None:
+            self.logger.log(step, row)
         self.last_loss, self.pending = row["loss"], []
         rate = row["images_per_sec"]
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}" if rate else "-")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
-from ..choices import (BETA_SCHEDULES, DATASET_ON_DEVICE, LR_SCHEDULERS, MIXED_PRECISION, PREDICTION_TYPES,
-                       SAMPLER_NAMES)
+from ..choices import (BETA_SCHEDULES, DATASET_ON_DEVICE, LOGGERS, LR_SCHEDULERS, MIXED_PRECISION,
+                       PREDICTION_TYPES, SAMPLER_NAMES)
 from ..data import BUILTIN
-from ..hub import default_repo_name
+from ..hub import SCHEDULER_CONFIG, default_repo_name, resolve_pipeline_folder
 
 PRESETS: dict[str, dict] = {
     # small enough for a CPU: trains on the built-in shapes in minutes
@@ -44,6 +45,9 @@ PROFILE_DEFAULTS = {
     "sampler": ("ddim", "ddpm"),
     "num_inference_steps": (50, 100),
 }
+# Model defaults that a pretrained model's configs replace (--pretrained_model_name_or_path).
+MODEL_DEFAULTS = {"resolution": 32, "num_channels": 3, "prediction_type": "epsilon", "ddpm_num_steps": 1000,
+                  "ddpm_beta_schedule": "linear"}
 
 
 def _opt(default, help, **kwargs):
@@ -65,25 +69,38 @@ class TrainOptions:
     cache_dir: str | None = _opt(None, "where Hugging Face datasets caches downloads", group="data")
     max_train_samples: int | None = _opt(None, "use only the first N images", group="data")
     num_shapes: int = _opt(2048, f"how many images the built-in '{BUILTIN}' dataset has", group="data")
-    resolution: int = _opt(32, "image size: shorter side resized to this (bilinear), then cropped square",
-                           group="data")
+    resolution: int | None = _opt(None, "image size: shorter side resized to this (bilinear), then cropped "
+                                  "square (default 32; a pretrained model's sample_size)", group="data")
     center_crop: bool = _opt(False, "crop the centre (default: a random crop, fixed per image by --seed)",
                              group="data")
     random_flip: bool = _opt(False, "flip images horizontally at random (on the device, every step)", group="data")
     # ------------------------------------------------------------------ model and noise
+    pretrained_model_name_or_path: str | None = _opt(None, "fine-tune: a diffusers pipeline folder, a train.py "
+                                                     "output_dir or a Hub id; its UNet weights and config and its "
+                                                     "scheduler config are the start (the optimizer starts fresh, "
+                                                     "the EMA from the pretrained weights)", group="model")
     model_preset: str | None = _opt(None, "UNet preset: tiny (CPU demos), course (Unit 1's), ddpm "
                                     "(train_unconditional's); default tiny for the built-in dataset, course otherwise",
                                     group="model", choices=tuple(PRESETS))
     model_config_name_or_path: str | None = _opt(None, "a diffusers UNet2DModel config.json (or a folder with "
                                                  "one, or a pipeline folder with unet/) instead of a preset",
                                                  group="model")
-    num_channels: int = _opt(3, "image channels for presets: 3 (RGB) or 1 (grayscale)", group="model",
-                             choices=(1, 3))
-    prediction_type: str = _opt("epsilon", "what the model predicts", group="model",
-                                choices=PREDICTION_TYPES)
-    ddpm_num_steps: int = _opt(1000, "number of diffusion timesteps T", group="model")
-    ddpm_beta_schedule: str = _opt("linear", "noise schedule", group="model",
-                                   choices=BETA_SCHEDULES)
+    num_channels: int | None = _opt(None, "image channels for presets: 3 (RGB) or 1 (grayscale) (default 3)",
+                                    group="model", choices=(1, 3))
+    prediction_type: str | None = _opt(None, "what the model predicts (default epsilon; a pretrained model's)",
+                                       group="model", choices=PREDICTION_TYPES)
+    ddpm_num_steps: int | None = _opt(None, "number of diffusion timesteps T (default 1000; a pretrained model's)",
+                                      group="model")
+    ddpm_beta_schedule: str | None = _opt(None, "noise schedule (default linear; a pretrained model's)",
+                                          group="model", choices=BETA_SCHEDULES)
+    class_conditional: bool = _opt(False, "train on class labels (UNet2DModel's num_class_embeds: one embedding per "
+                                   "class and one for the null class); the labels come from the dataset's ClassLabel "
+                                   "column, an image folder's sub-folders or an .npz's 'labels'", group="model")
+    class_column: str | None = _opt(None, "the column holding the class labels (default: the first ClassLabel "
+                                    "column)", group="model")
+    class_dropout_prob: float = _opt(0.1, "with --class_conditional: the share of training labels replaced by the "
+                                     "null class, so the model also learns unconditional samples and can be "
+                                     "sampled with classifier-free guidance (0: no null class)", group="model")
     # ------------------------------------------------------------------ optimisation
     train_batch_size: int | None = _opt(None, "global batch size per optimizer step, split over all devices "
                                         "(default 16; 8 for the built-in dataset)", group="optim")
@@ -127,6 +144,8 @@ class TrainOptions:
                                "built-in dataset)", group="output", choices=SAMPLER_NAMES)
     num_inference_steps: int | None = _opt(None, "sampling steps for those grids (default 50; 100 for the "
                                            "built-in dataset)", group="output")
+    guidance_scale: float = _opt(3.0, "with --class_conditional: the classifier-free guidance of those grids (one "
+                                 "row per class; 1: no guidance)", group="output")
     ddpm_num_inference_steps: int | None = _opt(None, "diffusers' name for --num_inference_steps", group="output")
     checkpointing_steps: int = _opt(500, "save a resumable checkpoint every N optimizer steps (and at the end)",
                                     group="output")
@@ -134,6 +153,12 @@ class TrainOptions:
     resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint path: continue that run exactly",
                                               group="output")
     logging_steps: int = _opt(10, "log loss, lr and images/s every N steps (the only host syncs)", group="output")
+    logger: str = _opt("none", "also log the metrics and sample grids to TensorBoard or Weights & Biases "
+                       "(diffusers' --logger; each is an optional extra: pip install \"flaxdiff[tensorboard]\" or "
+                       "\"flaxdiff[wandb]\"); metrics.jsonl and the PNGs are written either way", group="output",
+                       choices=LOGGERS)
+    logging_dir: str = _opt("logs", "the logger's folder, inside output_dir", group="output")
+    tracker_project_name: str = _opt("flaxdiff", "the W&B project of --logger wandb", group="output")
     push_to_hub: bool = _opt(False, "upload the final pipeline folder and its model card to the Hugging Face Hub "
                              "(not the checkpoints or logs)", group="output")
     hub_model_id: str | None = _opt(None, "the Hub repo to push to, 'name' or 'user/name' (default: the "
@@ -167,12 +192,16 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
                                               "differ")
     opts.ddpm_num_inference_steps = None
     builtin = opts.dataset == BUILTIN
-    if opts.model_preset and opts.model_config_name_or_path:
-        raise OptionsError("give --model_preset or --model_config_name_or_path, not both")
-    if opts.model_config_name_or_path:
+    models = [f"--{n}" for n in ("pretrained_model_name_or_path", "model_preset", "model_config_name_or_path")
+              if getattr(opts, n)]
+    if len(models) > 1:
+        raise OptionsError(f"give one of {' and '.join(models)}: each names the model to train")
+    fill_model_defaults(opts)
+    if opts.model_config_name_or_path or opts.pretrained_model_name_or_path:
         opts.model_preset = None
     for name, (usual, demo) in PROFILE_DEFAULTS.items():
-        if getattr(opts, name) is None and not (name == "model_preset" and opts.model_config_name_or_path):
+        taken = opts.model_config_name_or_path or opts.pretrained_model_name_or_path
+        if getattr(opts, name) is None and not (name == "model_preset" and taken):
             setattr(opts, name, demo if builtin else usual)
     if opts.output_dir is None:
         name = Path(opts.dataset.rstrip("/")).name or "data"
@@ -194,6 +223,10 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
         raise OptionsError(f"--lr_warmup_steps must be >= 0, got {opts.lr_warmup_steps}")
     if not 0 <= opts.ema_max_decay <= 1:
         raise OptionsError(f"--ema_max_decay must be in [0, 1], got {opts.ema_max_decay}")
+    if not 0 <= opts.class_dropout_prob < 1:
+        raise OptionsError(f"--class_dropout_prob must be in [0, 1), got {opts.class_dropout_prob}")
+    if not opts.class_conditional and opts.class_column is not None:
+        raise OptionsError("--class_column names the labels of --class_conditional training: add --class_conditional")
     if (opts.hub_model_id or opts.hub_private_repo) and not opts.push_to_hub:
         raise OptionsError("--hub_model_id / --hub_private_repo only apply with --push_to_hub: add it")
     if opts.push_to_hub and opts.hub_model_id is None:
@@ -202,6 +235,42 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
         raise OptionsError(f"--num_inference_steps {opts.num_inference_steps} exceeds --ddpm_num_steps "
                            f"{opts.ddpm_num_steps}")
     return opts
+
+
+def fill_model_defaults(opts: TrainOptions) -> None:
+    """--resolution, --num_channels and the noise-schedule flags: what was given, else the pretrained
+    model's, else MODEL_DEFAULTS; a given value that contradicts the pretrained model is an error."""
+    pretrained = pretrained_values(opts.pretrained_model_name_or_path) if opts.pretrained_model_name_or_path else {}
+    for name, usual in MODEL_DEFAULTS.items():
+        given, theirs = getattr(opts, name), pretrained.get(name)
+        if given is not None and theirs is not None and given != theirs:
+            raise OptionsError(f"--{name} {given} contradicts the pretrained model "
+                               f"{opts.pretrained_model_name_or_path}, which has {theirs}: drop --{name} (or "
+                               "fine-tune another model)")
+        setattr(opts, name, given if given is not None else theirs if theirs is not None else usual)
+
+
+def pretrained_values(name: str) -> dict:
+    """The flag values a pretrained pipeline's config files imply (its UNet's sample_size and
+    channels, its scheduler's T, beta schedule and prediction type); read, not loaded."""
+    folder = resolve_pipeline_folder(name)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        scheduler = json.loads((folder / "scheduler" / SCHEDULER_CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        raise OptionsError(f"--pretrained_model_name_or_path {name}: cannot read its unet/config.json and "
+                           f"scheduler/{SCHEDULER_CONFIG} ({error})") from error
+    size = unet.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise OptionsError(f"--pretrained_model_name_or_path {name}: sample_size {size} is not square; "
+                               "train.py trains square images")
+        size = size[0]
+    values = {"resolution": size, "num_channels": unet.get("in_channels", 3),
+              "ddpm_num_steps": scheduler.get("num_train_timesteps", 1000),
+              "ddpm_beta_schedule": scheduler.get("beta_schedule", "linear"),
+              "prediction_type": scheduler.get("prediction_type", "epsilon")}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _merge_aliases(opts: TrainOptions, names: tuple[str, ...], conflict: str):

@@ -57,6 +57,11 @@ def check_resumable(point: tuple[Path, int], opts: TrainOptions, unet_config: UN
     directory, step = point
     record = read_record(directory, step)
     theirs, ours = record.unet, unet_config.to_dict()
+    if UNet2DConfig.from_dict(theirs).class_conditional != unet_config.class_conditional:
+        kind = "class-conditional" if record.class_names else "unconditional"
+        raise OptionsError(f"the checkpoint {directory / str(step)} is of a {kind} run and this run is not: resume "
+                           + ("with --class_conditional" if record.class_names else "without --class_conditional")
+                           + ", or use another --output_dir")
     diff = sorted(k for k in set(theirs) | set(ours) if not k.startswith("_") and theirs.get(k) != ours.get(k))
     if diff:
         raise OptionsError(f"the checkpoint {directory / str(step)} is of another model config "

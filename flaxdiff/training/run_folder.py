@@ -43,20 +43,27 @@ class RunRecord:
     num_images: int
     steps_per_epoch: int
     total_steps: int
+    class_names: tuple[str, ...] | None = None  # a class-conditional run's classes (label i is class_names[i])
+    null_label: int | None = None  # the label of "no class" (class dropout), for classifier-free guidance
 
     def to_json(self) -> dict:
-        return {"unet": self.unet, "scheduler": self.scheduler, "options": dataclasses.asdict(self.options),
+        data = {"unet": self.unet, "scheduler": self.scheduler, "options": dataclasses.asdict(self.options),
                 "num_images": self.num_images, "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps}
+        if self.class_names is not None:
+            data.update(class_names=list(self.class_names), null_label=self.null_label)
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "RunRecord":
         """Options this version does not know (a run of another flaxdiff version) are dropped."""
         known = {field.name for field in dataclasses.fields(TrainOptions)}
         options = TrainOptions(**{k: v for k, v in data.get("options", {}).items() if k in known})
+        names = data.get("class_names")
         return cls(unet=data["unet"], scheduler=data["scheduler"], options=options,
                    num_images=data.get("num_images", 0), steps_per_epoch=data.get("steps_per_epoch", 0),
-                   total_steps=data.get("total_steps", 0))
+                   total_steps=data.get("total_steps", 0), class_names=None if names is None else tuple(names),
+                   null_label=data.get("null_label"))
 
     def write(self, folder: Path) -> None:
         (folder / RECORD_FILE).write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n")

@@ -14,13 +14,14 @@ import jax
 from jax.sharding import Mesh
 
 from .. import doctor, parallel
-from ..data import BUILTIN, DataSpec, load_images, resolve_dataset_name
+from ..data import BUILTIN, DataSpec, class_names, load_image_data, resolve_dataset_name
 from ..hub import check_hub_access
 from ..samplers import Plan, make_sampler
 from ..schedule import NoiseSchedule
 from .feed import BatchOrder, Feed, dataset_placement
+from .loggers import Logger, check_logger, make_logger
 from .metrics import MetricsLog
-from .model import Model, build_model, scheduler_config_for, unet_config_for
+from .model import Model, build_model, null_label, scheduler_config_for, unet_config_for
 from .options import PROFILE_DEFAULTS, TrainOptions
 from .resume import check_resumable, find_checkpoint, restore_state
 from .run_folder import METRICS_FILE, SAMPLES, RunRecord, prepare_output_dir
@@ -44,16 +45,19 @@ class Run:
     start_step: int
     grid_plan: Plan  # the sampler plan of the grids saved while training
     metrics: MetricsLog
+    logger: Logger  # --logger: TensorBoard, W&B or nothing
 
 
-def step_config_for(opts: TrainOptions, total_steps: int) -> TrainStepConfig:
+def step_config_for(opts: TrainOptions, total_steps: int, null: int | None = None) -> TrainStepConfig:
     return TrainStepConfig(
         prediction_type=opts.prediction_type, learning_rate=opts.learning_rate, lr_scheduler=opts.lr_scheduler,
         lr_warmup_steps=opts.lr_warmup_steps, total_steps=total_steps, adam_beta1=opts.adam_beta1,
         adam_beta2=opts.adam_beta2, adam_weight_decay=opts.adam_weight_decay, adam_epsilon=opts.adam_epsilon,
         max_grad_norm=opts.max_grad_norm, use_ema=opts.use_ema, ema_inv_gamma=opts.ema_inv_gamma,
         ema_power=opts.ema_power, ema_max_decay=opts.ema_max_decay, random_flip=opts.random_flip,
-        mixed_precision=opts.mixed_precision)
+        mixed_precision=opts.mixed_precision, class_conditional=opts.class_conditional,
+        class_dropout_prob=opts.class_dropout_prob if opts.class_conditional else 0.0,
+        null_class_label=null if null is not None else 0)
 
 
 def prepare_run(opts: TrainOptions, log=print) -> Run:
@@ -64,11 +68,18 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
 
     # ---- everything that can be wrong, before any expensive work
     resolve_dataset_name(opts.dataset)  # a missing folder fails here
-    unet_config = unet_config_for(opts)
+    spec = DataSpec(dataset=opts.dataset, resolution=opts.resolution, center_crop=opts.center_crop,
+                    dataset_config_name=opts.dataset_config_name, split=opts.split, image_column=opts.image_column,
+                    cache_dir=opts.cache_dir, max_train_samples=opts.max_train_samples, num_shapes=opts.num_shapes,
+                    seed=opts.seed, labels=opts.class_conditional, class_column=opts.class_column)
+    names = class_names(spec) if opts.class_conditional else None  # labels checked without decoding images
+    unet_config = unet_config_for(opts, len(names) if names else None)
+    spec = dataclasses.replace(spec, channels=unet_config.in_channels)
     scheduler_config = scheduler_config_for(opts)
     grid_plan = make_sampler(opts.sampler, scheduler_config).plan(opts.num_inference_steps)
     mesh = parallel.make_mesh()
     parallel.check_divisible(opts.train_batch_size, mesh)
+    check_logger(opts.logger)
     if opts.push_to_hub and is_main:
         if opts.hub_token:
             os.environ.setdefault("HF_TOKEN", opts.hub_token)
@@ -81,32 +92,31 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
         check_resumable(resume, opts, unet_config, say)
 
     # ---- data
-    spec = DataSpec(dataset=opts.dataset, resolution=opts.resolution, channels=unet_config.in_channels,
-                    center_crop=opts.center_crop, dataset_config_name=opts.dataset_config_name, split=opts.split,
-                    image_column=opts.image_column, cache_dir=opts.cache_dir,
-                    max_train_samples=opts.max_train_samples, num_shapes=opts.num_shapes, seed=opts.seed)
     say(f"loading {opts.dataset} ...")
-    images = load_images(spec, progress=is_main)
+    data = load_image_data(spec, progress=is_main)
+    images, labels = (data.images, data.labels) if names else (data, None)
     order = BatchOrder(len(images), opts.train_batch_size, opts.gradient_accumulation_steps, opts.seed)
     on_device, placement = dataset_placement(opts.dataset_on_device, images.nbytes)
     total_steps = opts.max_train_steps or opts.num_epochs * order.steps_per_epoch
+    null = null_label(opts, len(names)) if names else None
 
     # ---- model, state, step
     model = build_model(unet_config, opts)
-    step_config = step_config_for(opts, total_steps)
+    step_config = step_config_for(opts, total_steps, null)
     state = parallel.replicate(create_train_state(model.params, step_config), mesh)
     start_step = 0
     if resume is not None:
         state = restore_state(resume, state)
         start_step = int(parallel.to_host(state.step))
         say(f"resumed from {resume[0] / str(resume[1])} at step {start_step}")
-    feed = Feed(images, order, mesh, on_device)
+    feed = Feed(images, order, mesh, on_device, labels)
     train_step = make_train_step(model.graphdef, NoiseSchedule.from_config(scheduler_config), step_config, mesh,
                                  opts.seed, gather=feed.gather)
 
     # ---- the run folder
     record = RunRecord(unet=unet_config.to_dict(), scheduler=scheduler_config, options=opts,
-                       num_images=order.num_images, steps_per_epoch=order.steps_per_epoch, total_steps=total_steps)
+                       num_images=order.num_images, steps_per_epoch=order.steps_per_epoch, total_steps=total_steps,
+                       class_names=names, null_label=null)
     metrics = MetricsLog(out / METRICS_FILE, write=is_main)
     if is_main:
         record.write(out)
@@ -115,10 +125,16 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
     if opts.dataset == BUILTIN:
         say("built-in dataset: CPU demo defaults unless given (" + ", ".join(
             f"--{name} {getattr(opts, name)}" for name in PROFILE_DEFAULTS) + ")")
+    if names:
+        say(f"class-conditional: {len(names)} classes ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+            + (f", label {null} the null class for {opts.class_dropout_prob:.0%} of the training labels" if null
+               is not None else ", no null class (--class_dropout_prob 0): no classifier-free guidance"))
     say(f"{len(images)} images of {opts.resolution}x{opts.resolution}x{unet_config.in_channels}, {placement}; "
         f"UNet {opts.model_preset or opts.model_config_name_or_path} with {model.num_params / 1e6:.2f}M parameters; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
     say(f"{total_steps} optimizer steps ({math.ceil(total_steps / order.steps_per_epoch)} epochs of "
         f"{order.steps_per_epoch}), global batch {opts.train_batch_size} x {opts.gradient_accumulation_steps} "
         f"accumulation -> {out}")
-    return Run(opts, record, out, is_main, say, mesh, model, feed, train_step, state, start_step, grid_plan, metrics)
+    logger = make_logger(opts, out, is_main)
+    return Run(opts, record, out, is_main, say, mesh, model, feed, train_step, state, start_step, grid_plan, metrics,
+               logger)

@@ -59,6 +59,9 @@ class TrainStepConfig:
     ema_max_decay: float = 0.9999
     random_flip: bool = False
     mixed_precision: str = "no"  # "no" | "bf16"
+    class_conditional: bool = False  # batches are (images, labels)
+    class_dropout_prob: float = 0.0  # share of labels replaced by null_class_label (classifier-free guidance)
+    null_class_label: int = 0
 
 
 # --------------------------------------------------------------------------- learning rate
@@ -188,12 +191,13 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: TrainStepConfig, 
     """A jitted, data-parallel `step(state, batch) -> (state, metrics)`.
 
     batch: uint8 images (K, accumulation, micro_batch, H, W, C) sharded over micro_batch; K > 1
-    runs K optimizer steps in one dispatch. metrics are (K,) arrays: loss, lr, grad_norm,
-    ema_decay. The state is donated.
+    runs K optimizer steps in one dispatch; for a class-conditional step, (images, int32 labels
+    (K, accumulation, micro_batch)). metrics are (K,) arrays: loss, lr, grad_norm, ema_decay. The
+    state is donated.
 
-    With `gather(data, indices) -> images` (`feed.gather_batch`) the step is
-    `step(state, batch, data)` with batch the int32 image indices (K, accumulation, micro_batch)
-    and data the dataset already in device memory: the batch is gathered inside the same program.
+    With `gather(data, indices) -> batch` (`feed.gather_batch`) the step is
+    `step(state, indices, data)` with int32 image indices (K, accumulation, micro_batch) and data
+    the dataset already in device memory: the batch is gathered inside the same program.
     """
     tx = make_optimizer(config)
     schedule_fn = learning_rate_schedule(config)
@@ -201,7 +205,7 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: TrainStepConfig, 
     base_key = jax.random.key(seed)
     num_train_timesteps = schedule.num_train_timesteps
 
-    def local_loss_and_grads(params, x0, noise, timesteps, dropout_key):
+    def local_loss_and_grads(params, x0, noise, timesteps, labels, dropout_key):
         """Per device: loss and gradients of its slice, averaged over devices."""
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
         # Differentiate per-device copies of the replicated weights: the gradient of a replicated
@@ -211,16 +215,17 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: TrainStepConfig, 
         def loss_fn(p):
             model = nnx.merge(graphdef, p)
             noisy = add_noise(schedule, x0, noise, timesteps)
-            output = model(noisy, timesteps, dropout_key=dropout_key)
+            output = model(noisy, timesteps, class_labels=labels, dropout_key=dropout_key)
             return diffusion_loss(output, x0, noise, timesteps, schedule, config.prediction_type)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
 
     sharded_grads = jax.shard_map(local_loss_and_grads, mesh=mesh,
-                                  in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P()), out_specs=(P(), P()))
+                                  in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()), out_specs=(P(), P()))
 
-    def one_step(state: TrainState, images):
+    def one_step(state: TrainState, batch):
+        images, labels = batch if config.class_conditional else (batch, None)
         key = jax.random.fold_in(base_key, state.step)
         x0 = to_model_range(images)  # (accumulation, micro_batch, H, W, C)
         if config.random_flip:
@@ -229,17 +234,21 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: TrainStepConfig, 
         noise = jax.random.normal(jax.random.fold_in(key, 1), x0.shape, jnp.float32)
         timesteps = jax.random.randint(jax.random.fold_in(key, 2), x0.shape[:2], 0, num_train_timesteps)
         dropout_key = jax.random.fold_in(key, 3)
+        if labels is not None and config.class_dropout_prob > 0:  # the null class, for guidance
+            drop = jax.random.bernoulli(jax.random.fold_in(key, 4), config.class_dropout_prob, labels.shape)
+            labels = jnp.where(drop, config.null_class_label, labels)
 
         def micro(carry, inputs):
             loss_sum, grad_sum = carry
-            i, x0_i, noise_i, t_i = inputs
-            loss, grads = sharded_grads(state.params, x0_i, noise_i, t_i, jax.random.fold_in(dropout_key, i))
+            i, x0_i, noise_i, t_i, labels_i = inputs
+            loss, grads = sharded_grads(state.params, x0_i, noise_i, t_i, labels_i,
+                                        jax.random.fold_in(dropout_key, i))
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         accumulation = x0.shape[0]
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (loss, grads), _ = loop(micro, (jnp.zeros((), jnp.float32), zeros),
-                                (jnp.arange(accumulation), x0, noise, timesteps))
+                                (jnp.arange(accumulation), x0, noise, timesteps, labels))
         loss = loss / accumulation
         grads = jax.tree.map(lambda g: g / accumulation, grads)
         grad_norm = optax.tree.norm(grads)
@@ -255,8 +264,9 @@ def make_train_step(graphdef, schedule: NoiseSchedule, config: TrainStepConfig, 
         return TrainState(step, params, opt_state, ema), metrics
 
     def steps(state: TrainState, batch, data=None):
-        images = batch if gather is None else gather(data, batch)
-        return loop(one_step, state, images)
+        if gather is not None:
+            batch = gather(data, batch)
+        return loop(one_step, state, batch)
 
     state_sharding = replicated(mesh)
     return jax.jit(steps, donate_argnums=0, out_shardings=(state_sharding, state_sharding))
