@@ -28,6 +28,7 @@ import numpy as np
 from jax.scipy.special import log_ndtr
 
 from .images import to_model_range
+from .parallel import to_host
 from .samplers import make_sampler
 from .schedule import posterior, x0_eps_from_output
 
@@ -195,9 +196,9 @@ def bits_per_dim(model_fn: Callable, images_uint8: np.ndarray, scheduler_config:
             ts_key = jax.random.fold_in(jax.random.fold_in(base, 1), index)
             ts = np.asarray(jax.random.randint(ts_key, (num_timesteps, len(chunk)), 0, T))
         chunk_labels = None if labels is None else jnp.asarray(labels[index:index + batch_size], jnp.int32)
-        terms = np.asarray(batch_terms(params, x0, jnp.asarray(ts, jnp.int32), key, chunk_labels), np.float64)
+        terms = to_host(batch_terms(params, x0, jnp.asarray(ts, jnp.int32), key, chunk_labels)).astype(np.float64)
         sum_terms = terms.sum(0) if exact else T * terms.mean(0)
-        totals.append(np.asarray(prior_fn(x0), np.float64) + sum_terms)
+        totals.append(to_host(prior_fn(x0)).astype(np.float64) + sum_terms)
     per_image = np.concatenate(totals) / (dims * LN2)
     error = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     return BitsPerDim(float(per_image.mean()), error, n, "all" if exact else per_call, per_image)

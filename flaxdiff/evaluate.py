@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=64, help="images per batch (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="the noise draws (default: 0)")
     parser.add_argument("--no_clip", action="store_true", help="do not clip the model's x_0 prediction")
+    parser.add_argument("--no_ema", action="store_true", help="for checkpoints: the training weights, not the EMA")
     parser.add_argument("--output_json", default=None, help="also write the result to this JSON file")
     args = parser.parse_args(argv)
     from flaxdiff.cli import report_errors
@@ -55,7 +56,7 @@ def _run(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
     enable_compilation_cache()
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, use_ema=not args.no_ema)
     config = pipe.unet.config
     spec = DataSpec(dataset=args.dataset, resolution=config.image_size[0], channels=config.in_channels,
                     center_crop=True, dataset_config_name=args.dataset_config_name, split=args.split,

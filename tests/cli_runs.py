@@ -9,6 +9,8 @@ from pathlib import Path
 from conftest import ROOT
 
 STEPS = 32  # 64 images / batch 8 = 8 steps per epoch: 4 epochs
+VALIDATION = ("--validation_split", "test", "--validation_steps", "16", "--validation_num_images", "16",
+              "--validation_num_timesteps", "4")
 MICRO = dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
              attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
              up_block_types=("AttnUpBlock2D", "UpBlock2D"))

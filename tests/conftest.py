@@ -32,10 +32,11 @@ def micro_config(tmp_path_factory):
 @pytest.fixture(scope="session")
 def finished_run(micro_config, tmp_path_factory):
     """An uninterrupted train.py run: 64 images / batch 8 = 8 steps per epoch, 4 epochs; (out, log).
-    It logs to TensorBoard too (tests/test_loggers.py reads the event file)."""
-    from cli_runs import flags, run_cli
+    It logs to TensorBoard (tests/test_loggers.py reads the event file) and scores 16 held-out
+    shapes every 16 steps (tests/test_sample_cli.py holds the values against flaxdiff.evaluate)."""
+    from cli_runs import VALIDATION, flags, run_cli
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    process = run_cli(flags(micro_config, out, "--logger", "tensorboard"))
+    process = run_cli(flags(micro_config, out, "--logger", "tensorboard", *VALIDATION))
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     return out, output

@@ -71,6 +71,27 @@ def test_evaluate_cli(finished_run, tmp_path, capsys):
     assert json.loads(result.read_text()) == first  # a function of --seed
 
 
+def test_validation_during_training_is_what_evaluate_says(finished_run, tmp_path):
+    """The held-out bits/dim train.py logged at its last step (--validation_split test, 16 images, 4
+    timesteps each) is what python -m flaxdiff.evaluate gives for the same weights and draws: the
+    EMA from the pipeline folder, the training weights from the last checkpoint."""
+    out, log = finished_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in rows if "val_bpd" in r]
+    assert [r["step"] for r in validations] == [16, 32] and "validation: 16 images (split 'test')" in log
+    results = {}
+    for name, model, extra in (("ema", out, []), ("raw", out / "checkpoints" / "32", ["--no_ema"])):
+        result = tmp_path / f"{name}.json"
+        assert evaluate_main(["--model", str(model), "--dataset", "shapes", "--split", "test", "--num_images", "16",
+                              "--num_timesteps", "4", "--output_json", str(result), *extra]) == 0
+        results[name] = json.loads(result.read_text())["bits_per_dim"]
+    print(f"\nvalidation at step 32: {validations[-1]['val_bpd_ema']:.6f} (EMA), {validations[-1]['val_bpd']:.6f}; "
+          f"evaluate: {results['ema']:.6f}, {results['raw']:.6f}")
+    assert abs(validations[-1]["val_bpd_ema"] - results["ema"]) < 1e-5
+    assert abs(validations[-1]["val_bpd"] - results["raw"]) < 1e-5
+    assert validations[-1]["val_bpd_ema"] != validations[-1]["val_bpd"]
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--model", "/no/such/model"], "/no/such/model does not exist"),
     (["--num_images", "0"], "--num_images must be at least 1"),

@@ -38,8 +38,9 @@ def train(opts: TrainOptions, log=print) -> Path:
 
 def run_loop(run: Run) -> Path:
     opts, order, total = run.opts, run.feed.order, run.record.total_steps
+    every = (opts.logging_steps, opts.checkpointing_steps, order.steps_per_epoch)
     dispatches = dispatch_schedule(run.start_step, total, opts.steps_per_dispatch,
-                                   (opts.logging_steps, opts.checkpointing_steps, order.steps_per_epoch))
+                                   every + ((opts.validation_steps,) if opts.validation_steps else ()))
     batches = run.feed.prefetch(dispatches)
     progress = Progress(run.start_step, total, opts.logging_steps, order.steps_per_epoch, order.step_size,
                         run.metrics, run.is_main, run.logger)
@@ -60,10 +61,14 @@ def run_loop(run: Run) -> Path:
             progress.dispatched(step, count, metrics, first=compiling)
             epoch_end = step % order.steps_per_epoch == 0 or step == total
             checkpoint_due = step % opts.checkpointing_steps == 0 or step == total
-            if not (epoch_end or checkpoint_due):
+            validation_due = run.validation is not None and (
+                step == total or (step % opts.validation_steps == 0 if opts.validation_steps else epoch_end))
+            if not (epoch_end or checkpoint_due or validation_due):
                 continue
             jax.block_until_ready(state.step)
             progress.meter.pause()  # images/s counts training only
+            if validation_due:
+                validate(run, state, step, progress)
             if checkpoint_due:
                 checkpoints.save(step, state, run.record.to_json())
             if epoch_end:
@@ -107,6 +112,19 @@ def compile_ahead(run: Run, progress: Progress, state, batch, count: int) -> Non
     release_free_memory()
 
 
+def validate(run: Run, state, step: int, progress: Progress) -> None:
+    """The held-out bits/dim of the training weights and the EMA: a metrics.jsonl row, the logger,
+    the progress bar."""
+    row = {"step": step, **run.validation.run(run.model.sample_graphdef, state, run.record.scheduler,
+                                              run.opts.validation_num_timesteps)}
+    run.metrics.append(row)
+    run.logger.log(step, row)
+    progress.validated(row)
+    progress.write(f"step {step}: validation {row['val_bpd']:.4f} bits/dim"
+                   + (f", EMA {row['val_bpd_ema']:.4f}" if "val_bpd_ema" in row else "")
+                   + f" ({row['val_seconds']:.1f}s)")
+
+
 def epoch_ended(run: Run, state, step: int, grids: "SampleGrids", progress: Progress) -> None:
     """Every --save_images_epochs a sample grid, every --save_model_epochs the pipeline (and at the end)."""
     opts = run.opts
@@ -118,7 +136,7 @@ def epoch_ended(run: Run, state, step: int, grids: "SampleGrids", progress: Prog
         if run.is_main:
             run.logger.image(step, "samples", path)
     if epoch % opts.save_model_epochs == 0 or last:
-        save_pipeline(run, state, progress.last_loss)
+        save_pipeline(run, state, progress.last_loss, progress.last_validation)
 
 
 MAX_GRID_ROWS = 16  # classes shown in a class-conditional grid
@@ -157,7 +175,7 @@ class SampleGrids:
         return path
 
 
-def save_pipeline(run: Run, state, final_loss: float) -> None:
+def save_pipeline(run: Run, state, final_loss: float, validation: dict | None = None) -> None:
     """The diffusers pipeline folder and its model card (process 0 writes; every process fetches)."""
     host_params = jax.tree.map(parallel.to_host, sampling_params(state))
     if run.is_main:
@@ -166,7 +184,7 @@ def save_pipeline(run: Run, state, final_loss: float) -> None:
         labels = ClassLabels(tuple(names), run.record.null_label) if names else None
         DiffusionPipeline(unet, run.record.scheduler, labels).save_pretrained(run.out)
         loss = None if math.isnan(final_loss) else final_loss
-        (run.out / MODEL_CARD).write_text(model_card(run.record, run.opts.hub_model_id, loss))
+        (run.out / MODEL_CARD).write_text(model_card(run.record, run.opts.hub_model_id, loss, validation))
 
 
 def finish(run: Run) -> None:

@@ -86,15 +86,29 @@ def plot_loss_curve(rows: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
+    losses = [r for r in rows if "loss" in r]
+    validations = [r for r in rows if "val_bpd" in r]
+    if not losses:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    fig, axes = plt.subplots(1, 2 if validations else 1, figsize=(11 if validations else 6, 3.5), dpi=110,
+                             squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], lw=1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
+    if validations:  # held-out bits/dim beside it (the same draws each time, so the points compare)
+        ax = axes[0][1]
+        ax.plot([r["step"] for r in validations], [r["val_bpd"] for r in validations], "o-", lw=1,
+                label="training weights")
+        if "val_bpd_ema" in validations[0]:
+            ax.plot([r["step"] for r in validations], [r["val_bpd_ema"] for r in validations], "o-", lw=1,
+                    label="EMA")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out bits/dim")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -115,6 +129,7 @@ class Progress:
         self.meter = Throughput()
         self.pending: list = []
         self.last_loss = float("nan")
+        self.last_validation: dict = {}
         self.flops_per_step: float | None = None  # the model's FLOPs per optimizer step
         self.peak_flops: float | None = None  # of all devices together, where known
 
@@ -141,8 +156,16 @@ class Progress:
         if self.logger is not None:
             self.logger.log(step, row)
         self.last_loss, self.pending = row["loss"], []
+        self.show_postfix(row)
+
+    def validated(self, row: dict) -> None:
+        self.last_validation = {k: v for k, v in row.items() if k.startswith("val_bpd") and not k.endswith("_se")}
+
+    def show_postfix(self, row: dict) -> None:
         rate = row["images_per_sec"]
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}" if rate else "-")
+        shown = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "img_s": f"{rate:.1f}" if rate else "-"}
+        shown.update({k.replace("val_bpd", "val"): f"{v:.3f}" for k, v in self.last_validation.items()})
+        self.bar.set_postfix(shown)
 
     def close(self) -> None:
         self.bar.close()

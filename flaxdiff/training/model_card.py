@@ -10,7 +10,8 @@ from .run_folder import RunRecord
 TAGS = ("pytorch", "diffusers", "unconditional-image-generation", "diffusion-models-class", "jax", "flax")
 
 
-def model_card(record: RunRecord, repo_id: str | None = None, final_loss: float | None = None) -> str:
+def model_card(record: RunRecord, repo_id: str | None = None, final_loss: float | None = None,
+               validation: dict | None = None) -> str:
     """The README.md of a trained pipeline folder: front matter with the tags, usage, how it was trained."""
     options, unet = record.options, record.unet
     dataset = options.dataset
@@ -60,6 +61,10 @@ def model_card(record: RunRecord, repo_id: str | None = None, final_loss: float 
                      if record.null_label is not None else "none (no guidance)"))
     if final_loss is not None:
         rows.append(("final training loss", f"{final_loss:.4f}"))
+    if validation:
+        held = f"held-out bits/dim ({options.validation_split}, {options.validation_num_timesteps} timesteps per image)"
+        rows.append((held, ", ".join(f"{value:.4f} ({'EMA' if key.endswith('ema') else 'training weights'})"
+                                     for key, value in validation.items())))
     lines += [f"| {key} | {value} |" for key, value in rows]
     lines += ["", "The loss curve:", "", "![loss curve](loss_curve.png)", ""]
     return "\n".join(lines)

@@ -74,6 +74,16 @@ class TrainOptions:
     center_crop: bool = _opt(False, "crop the centre (default: a random crop, fixed per image by --seed)",
                              group="data")
     random_flip: bool = _opt(False, "flip images horizontally at random (on the device, every step)", group="data")
+    validation_split: str | None = _opt(None, "held-out images for the validation bits/dim: a split of the dataset "
+                                        "(the built-in shapes have 'test'), or a fraction of the training images "
+                                        "kept out of training (e.g. 0.05)", group="data")
+    validation_steps: int | None = _opt(None, "with --validation_split: held-out bits/dim of the EMA and the "
+                                        "training weights every N optimizer steps (default: at every epoch's end)",
+                                        group="data")
+    validation_num_images: int = _opt(256, "held-out images in each validation (the first N of the split)",
+                                      group="data")
+    validation_num_timesteps: int = _opt(10, "Monte-Carlo timesteps per image in each validation; the timesteps "
+                                         "and noise are drawn once, so successive values compare", group="data")
     # ------------------------------------------------------------------ model and noise
     pretrained_model_name_or_path: str | None = _opt(None, "fine-tune: a diffusers pipeline folder, a train.py "
                                                      "output_dir or a Hub id; its UNet weights and config and its "
@@ -213,7 +223,8 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
                 "save_images_epochs", "save_model_epochs", "checkpointing_steps", "logging_steps",
                 "steps_per_dispatch", "ddpm_num_steps", "num_shapes"]
     positive += [name for name in ("max_train_steps", "checkpoints_total_limit", "num_inference_steps",
-                                   "max_train_samples") if getattr(opts, name) is not None]
+                                   "max_train_samples", "validation_steps") if getattr(opts, name) is not None]
+    positive += ["validation_num_images", "validation_num_timesteps"]
     for name in positive:
         if getattr(opts, name) < 1:
             raise OptionsError(f"--{name} must be at least 1, got {getattr(opts, name)}")
@@ -223,6 +234,11 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
         raise OptionsError(f"--lr_warmup_steps must be >= 0, got {opts.lr_warmup_steps}")
     if not 0 <= opts.ema_max_decay <= 1:
         raise OptionsError(f"--ema_max_decay must be in [0, 1], got {opts.ema_max_decay}")
+    if opts.validation_steps is not None and opts.validation_split is None:
+        raise OptionsError("--validation_steps sets how often --validation_split is scored: add --validation_split "
+                           "(e.g. test, or 0.05)")
+    if opts.validation_split is not None:
+        validation_fraction(opts.validation_split)  # a bad fraction fails here
     if not 0 <= opts.class_dropout_prob < 1:
         raise OptionsError(f"--class_dropout_prob must be in [0, 1), got {opts.class_dropout_prob}")
     if not opts.class_conditional and opts.class_column is not None:
@@ -271,6 +287,18 @@ def pretrained_values(name: str) -> dict:
               "ddpm_beta_schedule": scheduler.get("beta_schedule", "linear"),
               "prediction_type": scheduler.get("prediction_type", "epsilon")}
     return {k: v for k, v in values.items() if v is not None}
+
+
+def validation_fraction(split: str) -> float | None:
+    """--validation_split as a fraction of the training images (0 < f < 1), or None for a split name."""
+    try:
+        fraction = float(split)
+    except ValueError:
+        return None
+    if not 0 < fraction < 1:
+        raise OptionsError(f"--validation_split {split}: a fraction of the training images is between 0 and 1 "
+                           "(e.g. 0.05), or give a split name (e.g. test)")
+    return fraction
 
 
 def _merge_aliases(opts: TrainOptions, names: tuple[str, ...], conflict: str):

@@ -8,6 +8,7 @@ deleting a user's files.
       loss_curve.png metrics.jsonl        the training log (metrics.py)
       train_config.json                   the RunRecord
       checkpoints/<step>/                 Orbax checkpoints (state + the RunRecord)
+      logs/                               --logger's files (loggers.py)
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class RunRecord:
 def prepare_output_dir(opts: TrainOptions, is_main: bool) -> Path:
     """Check (and create) output_dir before any expensive work; never remove a user's files.
 
-    --overwrite_output_dir on a previous run removes what that run wrote (RUN_OUTPUTS) and keeps
-    any other file in the folder.
+    --overwrite_output_dir on a previous run removes what that run wrote (RUN_OUTPUTS and the
+    --logging_dir folder) and keeps any other file in the folder.
     """
     out = Path(opts.output_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -97,7 +98,7 @@ def prepare_output_dir(opts: TrainOptions, is_main: bool) -> Path:
         raise OptionsError(f"--output_dir {out} is not writable ({error.strerror}): choose another folder") \
             from error
     if is_main and opts.overwrite_output_dir and holds_run:
-        for name in RUN_OUTPUTS:
+        for name in (*RUN_OUTPUTS, opts.logging_dir):
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)

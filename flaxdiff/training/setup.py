@@ -26,6 +26,7 @@ from .options import PROFILE_DEFAULTS, TrainOptions
 from .resume import check_resumable, find_checkpoint, restore_state
 from .run_folder import METRICS_FILE, SAMPLES, RunRecord, prepare_output_dir
 from .step import TrainState, TrainStepConfig, create_train_state, make_train_step
+from .validation import Validation, split_off_validation
 
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class Run:
     grid_plan: Plan  # the sampler plan of the grids saved while training
     metrics: MetricsLog
     logger: Logger  # --logger: TensorBoard, W&B or nothing
+    validation: Validation | None  # --validation_split: the held-out images
 
 
 def step_config_for(opts: TrainOptions, total_steps: int, null: int | None = None) -> TrainStepConfig:
@@ -94,6 +96,7 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
     # ---- data
     say(f"loading {opts.dataset} ...")
     data = load_image_data(spec, progress=is_main)
+    data, validation = split_off_validation(opts, spec, data, is_main)
     images, labels = (data.images, data.labels) if names else (data, None)
     order = BatchOrder(len(images), opts.train_batch_size, opts.gradient_accumulation_steps, opts.seed)
     on_device, placement = dataset_placement(opts.dataset_on_device, images.nbytes)
@@ -135,6 +138,10 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
     say(f"{total_steps} optimizer steps ({math.ceil(total_steps / order.steps_per_epoch)} epochs of "
         f"{order.steps_per_epoch}), global batch {opts.train_batch_size} x {opts.gradient_accumulation_steps} "
         f"accumulation -> {out}")
+    if validation is not None:
+        say(f"validation: {len(validation.images)} images ({validation.source}), {opts.validation_num_timesteps} "
+            "timesteps each, " + (f"every {opts.validation_steps} steps" if opts.validation_steps else
+                                  "at every epoch's end"))
     logger = make_logger(opts, out, is_main)
     return Run(opts, record, out, is_main, say, mesh, model, feed, train_step, state, start_step, grid_plan, metrics,
-               logger)
+               logger, validation)
