@@ -23,12 +23,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 @dataclasses.dataclass
 class ShapeClassifier:
-    predict_fn: object
+    probabilities_fn: object
     test_accuracy: float  # on the held-out real shapes
 
-    def predict(self, images_uint8: np.ndarray, batch: int = 256) -> np.ndarray:
-        return np.concatenate([np.asarray(self.predict_fn(images_uint8[i:i + batch]))
+    def probabilities(self, images_uint8: np.ndarray, batch: int = 256) -> np.ndarray:
+        """(N, 4) class probabilities: circle, square, triangle, cross."""
+        return np.concatenate([np.asarray(self.probabilities_fn(images_uint8[i:i + batch]))
                                for i in range(0, len(images_uint8), batch)])
+
+    def predict(self, images_uint8: np.ndarray) -> np.ndarray:
+        return self.probabilities(images_uint8).argmax(-1)
+
+    def recognisable(self, images_uint8: np.ndarray, confidence: float = 0.9) -> float:
+        """The share of images it calls some shape with at least `confidence` (real shapes: ~1)."""
+        return float((self.probabilities(images_uint8).max(-1) >= confidence).mean())
+
+
+def colour_statistics(images_uint8: np.ndarray) -> dict:
+    """Per image, the contrast (standard deviation of the luminance) and the colourfulness (mean
+    saturation), averaged: grey, washed-out samples have little of both; saturated colour fields
+    have colour without contrast."""
+    x = images_uint8.astype(np.float32) / 255.0
+    luminance = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    saturation = (x.max(-1) - x.min(-1)) / np.maximum(x.max(-1), 1e-6)
+    return {"contrast": float(luminance.reshape(len(x), -1).std(-1).mean()),
+            "saturation": float(saturation.reshape(len(x), -1).mean(-1).mean())}
 
 
 def train_shape_classifier(resolution: int = 32, num_images: int = 4096, steps: int = 1500, seed: int = 0,
@@ -63,8 +82,8 @@ def train_shape_classifier(resolution: int = 32, num_images: int = 4096, steps: 
         """A 3x3 box blur applied `times` (per image, 0 to 2) times: generated shapes are softer than real ones."""
         kernel = jnp.ones((3, 3, 1, x.shape[-1]), x.dtype) / 9.0  # depthwise: each channel on its own
         for k in range(2):
-            blurred = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                                   feature_group_count=x.shape[-1])
+            blurred = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", feature_group_count=x.shape[-1],
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
             x = jnp.where((times > k)[:, None, None, None], blurred, x)
         return x
 
@@ -88,8 +107,8 @@ def train_shape_classifier(resolution: int = 32, num_images: int = 4096, steps: 
         step(model, optimizer, train.images[pick], train.labels[pick], rng.random(64) < 0.5, rng.integers(0, 3, 64),
              noise.astype(np.float32))
     graphdef, state = nnx.split(model)
-    predict = jax.jit(lambda images: jnp.argmax(nnx.merge(graphdef, state)(to_model_range(images)), axis=-1))
-    judge = ShapeClassifier(predict, 0.0)
+    probabilities = jax.jit(lambda images: jax.nn.softmax(nnx.merge(graphdef, state)(to_model_range(images))))
+    judge = ShapeClassifier(probabilities, 0.0)
     judge.test_accuracy = float((judge.predict(test.images) == test.labels).mean())
     log(f"shape classifier: {judge.test_accuracy:.1%} of {len(test.images)} held-out real shapes right")
     return judge

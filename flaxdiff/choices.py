@@ -34,6 +34,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 MIXED_PRECISION = ("no", "bf16")
 DATASET_ON_DEVICE = ("auto", "yes", "no")
 LOGGERS = ("tensorboard", "wandb", "none")
+ON_BAD_IMAGE = ("error", "skip")
 
 
 def check_choice(name: str, value: Any, allowed) -> None:

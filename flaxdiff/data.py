@@ -45,6 +45,7 @@ class DataSpec:
     seed: int = 0
     labels: bool = False  # also load class labels (LabeledImages.labels)
     class_column: str | None = None  # the label column (default: the first ClassLabel column)
+    on_bad_image: str = "error"  # an unreadable image stops the loading ("error") or is left out ("skip")
 
 
 @dataclasses.dataclass
@@ -327,30 +328,64 @@ def load_labeled_images(spec: DataSpec, progress: bool = True) -> LabeledImages:
 
 
 def load_image_data(spec: DataSpec, progress: bool = True):
-    """The images, or with spec.labels a LabeledImages."""
-    import datasets
-    from tqdm.auto import tqdm
-
+    """The images, or with spec.labels a LabeledImages, decoded here, into memory (flaxdiff.image_cache
+    decodes once into a memory-mapped file, with worker processes)."""
     if resolve_dataset_name(spec.dataset)[0] == "npz":
         return _load_npz(spec, progress)
-    dataset = open_dataset(spec)
-    column = image_column(dataset, spec.image_column)
-    if spec.max_train_samples is not None:
-        dataset = dataset.select(range(min(spec.max_train_samples, len(dataset))))
-    if len(dataset) == 0:
-        raise DataError(f"the dataset {spec.dataset!r} (split {spec.split!r}) is empty")
-    labels = None
-    if spec.labels:  # before decoding: a dataset without labels fails at once
-        label_name, names = label_column(dataset, spec.class_column)
-        labels = checked_labels(dataset[label_name], names, f"column {label_name!r} of {spec.dataset}")
-    raw = dataset.cast_column(column, datasets.Image(decode=False))[column]
-    rng = np.random.default_rng([spec.seed, 1])  # the random crop offsets
-    out = np.empty((len(raw), spec.resolution, spec.resolution, spec.channels), np.uint8)
-    for i, cell in enumerate(tqdm(raw, desc="decoding images", disable=not progress, leave=False)):
-        name = cell.get("path") or f"#{i} of {spec.dataset}" if isinstance(cell, dict) else f"#{i}"
-        image = to_mode(decode(cell, name), spec.channels)
-        out[i] = resize_and_crop(image, spec.resolution, spec.center_crop, rng)
-    return out if labels is None else LabeledImages(out, *labels)
+    source = ImageSource.open(spec)
+    out = np.empty((len(source), spec.resolution, spec.resolution, spec.channels), np.uint8)
+    bad = source.decode_into(out, 0, len(source), progress)
+    keep = np.setdiff1d(np.arange(len(source)), [index for index, _ in bad])
+    images = out if not bad else out[keep]
+    return images if source.labels is None else LabeledImages(images, source.labels[0][keep], source.labels[1])
+
+
+@dataclasses.dataclass
+class ImageSource:
+    """A Hugging Face dataset's encoded images (not decoded yet) and its checked labels."""
+
+    spec: DataSpec
+    raw: object  # the image column with decode=False: {"bytes", "path"} cells
+    labels: tuple[np.ndarray, tuple[str, ...]] | None
+
+    @classmethod
+    def open(cls, spec: DataSpec) -> "ImageSource":
+        import datasets
+
+        dataset = open_dataset(spec)
+        column = image_column(dataset, spec.image_column)
+        if spec.max_train_samples is not None:
+            dataset = dataset.select(range(min(spec.max_train_samples, len(dataset))))
+        if len(dataset) == 0:
+            raise DataError(f"the dataset {spec.dataset!r} (split {spec.split!r}) is empty")
+        labels = None
+        if spec.labels:  # before decoding: a dataset without labels fails at once
+            label_name, names = label_column(dataset, spec.class_column)
+            labels = checked_labels(dataset[label_name], names, f"column {label_name!r} of {spec.dataset}")
+        return cls(spec, dataset.cast_column(column, datasets.Image(decode=False))[column], labels)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def decode_into(self, out: np.ndarray, start: int, stop: int, progress: bool = False) -> list[tuple[int, str]]:
+        """Decode images start..stop-1 into out[start:stop]; returns the unreadable ones as (index,
+        problem) when spec.on_bad_image is "skip" (their rows stay zero), else raises at the first."""
+        from tqdm.auto import tqdm
+
+        spec, bad = self.spec, []
+        for i in tqdm(range(start, stop), desc="decoding images", disable=not progress, leave=False):
+            cell = self.raw[i]
+            name = cell.get("path") or f"#{i} of {spec.dataset}" if isinstance(cell, dict) else f"#{i}"
+            try:
+                image = to_mode(decode(cell, name), spec.channels)
+            except DataError as error:
+                if spec.on_bad_image != "skip":
+                    raise
+                bad.append((i, str(error).split(". Remove")[0]))
+                continue
+            # the random crop offset of an image is a function of (seed, its index): any worker can decode it
+            out[i] = resize_and_crop(image, spec.resolution, spec.center_crop, np.random.default_rng([spec.seed, 1, i]))
+        return bad
 
 
 def _load_npz(spec: DataSpec, progress: bool):
@@ -385,9 +420,9 @@ def _convert_npz_images(spec: DataSpec, images: np.ndarray, progress: bool) -> n
         images = images[..., None]
     if images.shape[1:] == (spec.resolution, spec.resolution, spec.channels):
         return np.ascontiguousarray(images)
-    rng = np.random.default_rng([spec.seed, 1])
     out = np.empty((len(images), spec.resolution, spec.resolution, spec.channels), np.uint8)
     for i, array in enumerate(tqdm(images, desc="converting images", disable=not progress, leave=False)):
         image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        out[i] = resize_and_crop(to_mode(image, spec.channels), spec.resolution, spec.center_crop, rng)
+        out[i] = resize_and_crop(to_mode(image, spec.channels), spec.resolution, spec.center_crop,
+                                 np.random.default_rng([spec.seed, 1, i]))
     return out

@@ -73,6 +73,13 @@ def release_free_memory() -> None:
         return
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -169,6 +169,8 @@ class DiffusionPipeline:
         scheduler_class = self.scheduler_config.get("_class_name", "DDPMScheduler")
         scheduler = {"_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_VERSION,
                      **{k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}}
+        if "_use_default_values" in self.scheduler_config:  # diffusers keeps it: it steers from_config
+            scheduler["_use_default_values"] = list(self.scheduler_config["_use_default_values"])
         write_atomic(folder / "scheduler" / SCHEDULER_CONFIG, json.dumps(scheduler, indent=2) + "\n")
         index = {"_class_name": PIPELINE_FOR_SCHEDULER.get(scheduler_class, "DDPMPipeline"),
                  "_diffusers_version": DIFFUSERS_VERSION,

@@ -10,6 +10,8 @@ sys.path.insert(0, ROOT)  # train.py and sample.py are importable by the tests
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# decoded images of the tests' datasets: a fresh cache per session (tests must not fill ~/.cache)
+os.environ.setdefault("FLAXDIFF_IMAGE_CACHE", __import__("tempfile").mkdtemp(prefix="flaxdiff-images-"))
 
 import jax  # noqa: E402
 

@@ -123,7 +123,7 @@ def cli_error(capsys, args) -> str:
     (["--resolution", "32"], "--resolution 32 contradicts the pretrained model"),
     (["--prediction_type", "v_prediction"], "--prediction_type v_prediction contradicts the pretrained model"),
     (["--ddpm_num_steps", "500"], "which has 1000: drop --ddpm_num_steps"),
-    (["--model_preset", "tiny"], "give one of --pretrained_model_name_or_path and --model_preset"),
+    (["--model_preset", "tiny"], "--pretrained_model_name_or_path and --model_preset each name the model"),
 ])
 def test_flags_that_contradict_the_pretrained_model(capsys, finished_run, tmp_path, extra, expected):
     message = cli_error(capsys, ["--pretrained_model_name_or_path", str(finished_run[0]), *extra,

@@ -25,8 +25,11 @@ def test_output_folder(finished_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["16", "24", "32", "8"]
     grids = sorted(p.name for p in (out / "samples").iterdir())
     assert grids == ["epoch_0000_step_000008.png", "epoch_0002_step_000024.png", "epoch_0003_step_000032.png"]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = training_rows(out)
+    validation = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                  if "val_bpd" in line]
     assert [r["step"] for r in rows] == list(range(4, STEPS + 1, 4))
+    assert [r["step"] for r in validation] == [16, 32]  # --validation_steps 16
     for row in rows:
         assert {"step", "epoch", "loss", "lr", "images_per_sec", "grad_norm", "ema_decay"} <= set(row)
     assert all(r["images_per_sec"] > 0 for r in rows[1:])  # the first window holds the compile
@@ -44,6 +47,21 @@ def test_output_loads_in_pytorch_diffusers(finished_run):
     from flaxdiff import DiffusionPipeline
     ours = DiffusionPipeline.from_pretrained(out)
     assert ours.scheduler_config["_class_name"] == "DDPMScheduler"
+
+
+def test_scheduler_config_is_the_one_train_unconditional_saves(finished_run):
+    """Every setting, and `_use_default_values` (the settings left at their defaults, which another
+    scheduler built from the folder takes from its own defaults: DPM-Solver spaces its steps
+    'linspace', not DDPM's 'leading')."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+    ours = json.loads((finished_run[0] / "scheduler" / "scheduler_config.json").read_text())
+    theirs = dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon").config)
+    assert set(ours.pop("_use_default_values")) == set(theirs.pop("_use_default_values"))
+    assert {k: v for k, v in ours.items() if not k.startswith("_")} == theirs
+    from flaxdiff import DiffusionPipeline
+    dpm = DPMSolverMultistepScheduler.from_pretrained(finished_run[0], subfolder="scheduler")
+    assert DiffusionPipeline.from_pretrained(finished_run[0]).make_sampler("dpmsolver++").timestep_spacing == \
+        dpm.config.timestep_spacing == "linspace"
 
 
 def test_sigkill_then_resume_equals_uninterrupted(finished_run, micro_config, tmp_path):
@@ -83,11 +101,16 @@ def assert_same_weights(reference, out):
         assert a[key].tobytes() == b[key].tobytes(), key
 
 
+def training_rows(run):
+    """The rows of metrics.jsonl that a training window wrote (validation rows have no loss)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
 def assert_same_run(reference, out):
     """Bit-for-bit the same final weights and the same logged losses."""
     assert_same_weights(reference, out)
-    losses = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa
-    assert losses(reference) == losses(out)
+    assert [r["loss"] for r in training_rows(reference)] == [r["loss"] for r in training_rows(out)]
 
 
 def test_resume_from_an_explicit_checkpoint_path(finished_run, micro_config, tmp_path):
@@ -100,9 +123,8 @@ def test_resume_from_an_explicit_checkpoint_path(finished_run, micro_config, tmp
     assert process.returncode == 0, log
     assert f"resumed from {reference / 'checkpoints' / '16'} at step 16" in log
     assert_same_weights(reference, out)
-    rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa
-    assert [r["step"] for r in rows(out)] == [20, 24, 28, 32]
-    assert [r["loss"] for r in rows(out)] == [r["loss"] for r in rows(reference) if r["step"] > 16]
+    assert [r["step"] for r in training_rows(out)] == [20, 24, 28, 32]
+    assert [r["loss"] for r in training_rows(out)] == [r["loss"] for r in training_rows(reference) if r["step"] > 16]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["24", "32"]
 
 

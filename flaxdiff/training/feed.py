@@ -177,6 +177,10 @@ class Feed:
     def prefetch(self, dispatches: list[tuple[int, int]], depth: int = 2) -> "Prefetcher":
         return Prefetcher(self.batch, dispatches, depth)
 
+    def state_at(self, step: int) -> dict | None:
+        """What a checkpoint at `step` must keep of the feed: nothing, the order is a function of the step."""
+        return None
+
 
 class Prefetcher:
     """Prepares the next batches on a background thread, ahead of the device."""

@@ -15,6 +15,7 @@ from flax import nnx
 
 from .. import parallel, runtime
 from ..checkpoint import Checkpoints
+from .. import host
 from ..host import release_free_memory
 from ..hub import push_to_hub
 from ..images import image_grid, to_unit_range
@@ -70,7 +71,9 @@ def run_loop(run: Run) -> Path:
             if validation_due:
                 validate(run, state, step, progress)
             if checkpoint_due:
-                checkpoints.save(step, state, run.record.to_json())
+                position = run.feed.state_at(step)  # a stream's position; None for the in-memory feed
+                meta = run.record.to_json() if position is None else {**run.record.to_json(), "stream": position}
+                checkpoints.save(step, state, meta)
             if epoch_end:
                 epoch_ended(run, state, step, grids, progress)
             progress.meter.start()
@@ -81,8 +84,8 @@ def run_loop(run: Run) -> Path:
     checkpoints.close()
     finish(run)
     run.say(f"done: {total - run.start_step} steps in {time.perf_counter() - start_time:.0f}s (first step with "
-            f"compile {compile_seconds or 0:.1f}s); final loss {progress.last_loss:.4f}; pipeline, samples and "
-            f"loss curve in {run.out}")
+            f"compile {compile_seconds or 0:.1f}s); final loss {progress.last_loss:.4f}; peak memory "
+            f"{host.peak_rss_bytes() / 1e6:.0f} MB; pipeline, samples and loss curve in {run.out}")
     return run.out
 
 

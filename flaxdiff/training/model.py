@@ -98,13 +98,23 @@ def with_class_embedding(config: UNet2DConfig, opts: TrainOptions, num_classes: 
 
 
 def scheduler_config_for(opts: TrainOptions) -> dict:
-    """The DDPMScheduler config train_unconditional builds, as it is saved in scheduler/; a
-    pretrained model's own scheduler config (all its settings: betas, variance type, clipping)."""
+    """The DDPMScheduler config train_unconditional builds, as diffusers saves it in scheduler/: with
+    `_use_default_values`, the settings left at DDPMScheduler's defaults, which another scheduler
+    built from the folder (DDIMScheduler.from_config, DPMSolverMultistepScheduler.from_config) takes
+    from its own defaults instead (DPM-Solver's linspace spacing, for one). A pretrained model's own
+    scheduler config as it is (all its settings: betas, variance type, clipping)."""
     if opts.pretrained_model_name_or_path:
         folder = resolve_pipeline_folder(opts.pretrained_model_name_or_path)
         return json.loads((folder / "scheduler" / SCHEDULER_CONFIG).read_text())
-    return DDPMSampler(num_train_timesteps=opts.ddpm_num_steps, beta_schedule=opts.ddpm_beta_schedule,
-                       prediction_type=opts.prediction_type).to_config()
+    given = dict(num_train_timesteps=opts.ddpm_num_steps, beta_schedule=opts.ddpm_beta_schedule,
+                 prediction_type=opts.prediction_type)
+    defaults = DDPMSampler()
+    for name in ("rescale_betas_zero_snr", "timestep_spacing"):  # passed only when the flags change them
+        if getattr(opts, name) != getattr(defaults, name):
+            given[name] = getattr(opts, name)
+    config = DDPMSampler(**given).to_config()
+    config["_use_default_values"] = sorted(k for k in config if not k.startswith("_") and k not in given)
+    return config
 
 
 @dataclasses.dataclass(frozen=True)

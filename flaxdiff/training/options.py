@@ -12,8 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..choices import (BETA_SCHEDULES, DATASET_ON_DEVICE, LOGGERS, LR_SCHEDULERS, MIXED_PRECISION,
-                       PREDICTION_TYPES, SAMPLER_NAMES)
+from ..choices import (BETA_SCHEDULES, DATASET_ON_DEVICE, LOGGERS, LR_SCHEDULERS, MIXED_PRECISION, ON_BAD_IMAGE,
+                       PREDICTION_TYPES, SAMPLER_NAMES, TIMESTEP_SPACINGS)
 from ..data import BUILTIN
 from ..hub import SCHEDULER_CONFIG, default_repo_name, resolve_pipeline_folder
 
@@ -67,6 +67,18 @@ class TrainOptions:
     image_column: str | None = _opt(None, "the column holding the images (default: the first image column)",
                                     group="data")
     cache_dir: str | None = _opt(None, "where Hugging Face datasets caches downloads", group="data")
+    image_cache_dir: str | None = _opt(None, "where the decoded images are kept, memory-mapped, for later runs and "
+                                       "resumes (default ~/.cache/flaxdiff/images or $FLAXDIFF_IMAGE_CACHE; 'none': "
+                                       "decode into memory each time)", group="data")
+    dataloader_num_workers: int | None = _opt(None, "processes that decode the images the first time (default: "
+                                              "one per core, up to 8; 0: this process)", group="data")
+    on_bad_image: str = _opt("error", "an unreadable image stops the run with its name, or is left out and counted",
+                             group="data", choices=ON_BAD_IMAGE)
+    streaming: bool = _opt(False, "read a Hub dataset or an image folder as a stream (datasets' streaming): for "
+                           "data larger than the disk; needs --max_train_steps; the stream's position is kept in "
+                           "checkpoints", group="data")
+    shuffle_buffer_size: int = _opt(1000, "with --streaming: images in the shuffle buffer (0: the stream's own "
+                                    "order, which a resume continues exactly)", group="data")
     max_train_samples: int | None = _opt(None, "use only the first N images", group="data")
     num_shapes: int = _opt(2048, f"how many images the built-in '{BUILTIN}' dataset has", group="data")
     resolution: int | None = _opt(None, "image size: shorter side resized to this (bilinear), then cropped "
@@ -103,6 +115,12 @@ class TrainOptions:
                                       group="model")
     ddpm_beta_schedule: str | None = _opt(None, "noise schedule (default linear; a pretrained model's)",
                                           group="model", choices=BETA_SCHEDULES)
+    rescale_betas_zero_snr: bool = _opt(False, "rescale the betas to zero terminal SNR (Lin et al. 2024), so the "
+                                        "last timestep is pure noise as sampling assumes; use with v_prediction",
+                                        group="model")
+    timestep_spacing: str = _opt("leading", "how samplers space their timesteps (diffusers' scheduler option; "
+                                 "trailing starts sampling at the last timestep)", group="model",
+                                 choices=TIMESTEP_SPACINGS)
     class_conditional: bool = _opt(False, "train on class labels (UNet2DModel's num_class_embeds: one embedding per "
                                    "class and one for the null class); the labels come from the dataset's ClassLabel "
                                    "column, an image folder's sub-folders or an .npz's 'labels'", group="model")
@@ -205,7 +223,7 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
     models = [f"--{n}" for n in ("pretrained_model_name_or_path", "model_preset", "model_config_name_or_path")
               if getattr(opts, n)]
     if len(models) > 1:
-        raise OptionsError(f"give one of {' and '.join(models)}: each names the model to train")
+        raise OptionsError(f"{' and '.join(models)} each name the model to train: give one of them, not both")
     fill_model_defaults(opts)
     if opts.model_config_name_or_path or opts.pretrained_model_name_or_path:
         opts.model_preset = None
@@ -234,6 +252,15 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
         raise OptionsError(f"--lr_warmup_steps must be >= 0, got {opts.lr_warmup_steps}")
     if not 0 <= opts.ema_max_decay <= 1:
         raise OptionsError(f"--ema_max_decay must be in [0, 1], got {opts.ema_max_decay}")
+    if opts.streaming:
+        if opts.max_train_steps is None:
+            raise OptionsError("--streaming needs --max_train_steps: a stream's length is not known in advance")
+        if opts.dataset_on_device == "yes":
+            raise OptionsError("--streaming and --dataset_on_device yes exclude each other: a stream is read as it "
+                               "goes, not kept")
+        if opts.validation_split is not None and validation_fraction(opts.validation_split) is not None:
+            raise OptionsError("--streaming holds out no fraction of the stream: give --validation_split a split "
+                               "name (e.g. test)")
     if opts.validation_steps is not None and opts.validation_split is None:
         raise OptionsError("--validation_steps sets how often --validation_split is scored: add --validation_split "
                            "(e.g. test, or 0.05)")

@@ -48,8 +48,14 @@ def find_checkpoint(resume: str, output_dir: Path) -> tuple[Path, int] | None:
                      "(output_dir/checkpoints/<step>), a run's output_dir, or 'latest'")
 
 
+def read_meta(point: tuple[Path, int]) -> dict:
+    """A checkpoint's meta: its RunRecord's JSON, and what the feed keeps (the stream's position)."""
+    directory, step = point
+    return Checkpoints(directory, read_only=True).read_meta(step)
+
+
 def read_record(directory: Path, step: int) -> RunRecord:
-    return RunRecord.from_json(Checkpoints(directory, read_only=True).read_meta(step))
+    return RunRecord.from_json(read_meta((directory, step)))
 
 
 def check_resumable(point: tuple[Path, int], opts: TrainOptions, unet_config: UNet2DConfig, say) -> None:

@@ -13,9 +13,10 @@ from typing import Callable
 import jax
 from jax.sharding import Mesh
 
-from .. import doctor, parallel
+from .. import doctor, host, parallel
 from ..data import BUILTIN, DataSpec, class_names, load_image_data, resolve_dataset_name
 from ..hub import check_hub_access
+from ..image_cache import load_cached_image_data
 from ..samplers import Plan, make_sampler
 from ..schedule import NoiseSchedule
 from .feed import BatchOrder, Feed, dataset_placement
@@ -23,7 +24,8 @@ from .loggers import Logger, check_logger, make_logger
 from .metrics import MetricsLog
 from .model import Model, build_model, null_label, scheduler_config_for, unet_config_for
 from .options import PROFILE_DEFAULTS, TrainOptions
-from .resume import check_resumable, find_checkpoint, restore_state
+from .resume import check_resumable, find_checkpoint, read_meta, restore_state
+from .stream import StreamFeed
 from .run_folder import METRICS_FILE, SAMPLES, RunRecord, prepare_output_dir
 from .step import TrainState, TrainStepConfig, create_train_state, make_train_step
 from .validation import Validation, split_off_validation
@@ -62,6 +64,28 @@ def step_config_for(opts: TrainOptions, total_steps: int, null: int | None = Non
         null_class_label=null if null is not None else 0)
 
 
+def data_spec(opts: TrainOptions, channels: int = 3) -> DataSpec:
+    """What train.py loads: the training split, preprocessed as the flags say."""
+    return DataSpec(dataset=opts.dataset, resolution=opts.resolution, channels=channels, center_crop=opts.center_crop,
+                    dataset_config_name=opts.dataset_config_name, split=opts.split, image_column=opts.image_column,
+                    cache_dir=opts.cache_dir, max_train_samples=opts.max_train_samples, num_shapes=opts.num_shapes,
+                    seed=opts.seed, labels=opts.class_conditional, class_column=opts.class_column,
+                    on_bad_image=opts.on_bad_image)
+
+
+def workers(opts: TrainOptions) -> int:
+    """--dataloader_num_workers, default one per core up to 8."""
+    return min(8, host.cpu_cores()) if opts.dataloader_num_workers is None else opts.dataloader_num_workers
+
+
+def load_training_images(spec: DataSpec, opts: TrainOptions, is_main: bool, say):
+    """The decoded images: memory-mapped from the image cache (decoded into it the first time), or
+    decoded into memory with --image_cache_dir none."""
+    if opts.image_cache_dir == "none":
+        return load_image_data(spec, progress=is_main)
+    return load_cached_image_data(spec, opts.image_cache_dir, workers(opts), progress=is_main, log=say)
+
+
 def prepare_run(opts: TrainOptions, log=print) -> Run:
     """`opts` resolved (options.resolve_options); bad input fails here before any expensive work."""
     is_main = jax.process_index() == 0
@@ -70,17 +94,18 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
 
     # ---- everything that can be wrong, before any expensive work
     resolve_dataset_name(opts.dataset)  # a missing folder fails here
-    spec = DataSpec(dataset=opts.dataset, resolution=opts.resolution, center_crop=opts.center_crop,
-                    dataset_config_name=opts.dataset_config_name, split=opts.split, image_column=opts.image_column,
-                    cache_dir=opts.cache_dir, max_train_samples=opts.max_train_samples, num_shapes=opts.num_shapes,
-                    seed=opts.seed, labels=opts.class_conditional, class_column=opts.class_column)
-    names = class_names(spec) if opts.class_conditional else None  # labels checked without decoding images
+    spec = data_spec(opts)
+    mesh = parallel.make_mesh()
+    parallel.check_divisible(opts.train_batch_size, mesh)
+    stream = StreamFeed(spec, opts, mesh, workers(opts)) if opts.streaming else None
+    if opts.class_conditional:  # labels checked without decoding images
+        names = stream.names if stream is not None else class_names(spec)
+    else:
+        names = None
     unet_config = unet_config_for(opts, len(names) if names else None)
     spec = dataclasses.replace(spec, channels=unet_config.in_channels)
     scheduler_config = scheduler_config_for(opts)
     grid_plan = make_sampler(opts.sampler, scheduler_config).plan(opts.num_inference_steps)
-    mesh = parallel.make_mesh()
-    parallel.check_divisible(opts.train_batch_size, mesh)
     check_logger(opts.logger)
     if opts.push_to_hub and is_main:
         if opts.hub_token:
@@ -95,11 +120,19 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
 
     # ---- data
     say(f"loading {opts.dataset} ...")
-    data = load_image_data(spec, progress=is_main)
-    data, validation = split_off_validation(opts, spec, data, is_main)
-    images, labels = (data.images, data.labels) if names else (data, None)
-    order = BatchOrder(len(images), opts.train_batch_size, opts.gradient_accumulation_steps, opts.seed)
-    on_device, placement = dataset_placement(opts.dataset_on_device, images.nbytes)
+    if stream is not None:
+        stream.spec = spec
+        feed, placement = stream, f"streamed (a shuffle buffer of {opts.shuffle_buffer_size} images)"
+        validation = split_off_validation(opts, spec, None, is_main)[1]
+    else:
+        data = load_training_images(spec, opts, is_main, say)
+        data, validation = split_off_validation(opts, spec, data, is_main)
+        images, labels = (data.images, data.labels) if names else (data, None)
+        order = BatchOrder(len(images), opts.train_batch_size, opts.gradient_accumulation_steps, opts.seed)
+        on_device, placement = dataset_placement(opts.dataset_on_device, images.nbytes)
+        feed = Feed(images, order, mesh, on_device, labels)
+        del images, labels, data  # the feed holds what it needs (nothing, with the dataset on the devices)
+    order = feed.order
     total_steps = opts.max_train_steps or opts.num_epochs * order.steps_per_epoch
     null = null_label(opts, len(names)) if names else None
 
@@ -112,7 +145,8 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
         state = restore_state(resume, state)
         start_step = int(parallel.to_host(state.step))
         say(f"resumed from {resume[0] / str(resume[1])} at step {start_step}")
-    feed = Feed(images, order, mesh, on_device, labels)
+        if stream is not None:
+            stream.load_state(read_meta(resume)["stream"])
     train_step = make_train_step(model.graphdef, NoiseSchedule.from_config(scheduler_config), step_config, mesh,
                                  opts.seed, gather=feed.gather)
 
@@ -132,7 +166,8 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
         say(f"class-conditional: {len(names)} classes ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
             + (f", label {null} the null class for {opts.class_dropout_prob:.0%} of the training labels" if null
                is not None else ", no null class (--class_dropout_prob 0): no classifier-free guidance"))
-    say(f"{len(images)} images of {opts.resolution}x{opts.resolution}x{unet_config.in_channels}, {placement}; "
+    count = f"{order.num_images}" if order.num_images else "a stream of"
+    say(f"{count} images of {opts.resolution}x{opts.resolution}x{unet_config.in_channels}, {placement}; "
         f"UNet {opts.model_preset or opts.model_config_name_or_path} with {model.num_params / 1e6:.2f}M parameters; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
     say(f"{total_steps} optimizer steps ({math.ceil(total_steps / order.steps_per_epoch)} epochs of "

@@ -50,7 +50,6 @@ def split_off_validation(opts: TrainOptions, spec: DataSpec, data, progress: boo
     seeded fraction of the training images taken out of training. (data, None) without it."""
     if opts.validation_split is None:
         return data, None
-    images, labels = (data.images, data.labels) if isinstance(data, LabeledImages) else (data, None)
     fraction = validation_fraction(opts.validation_split)
     if fraction is None:
         # as python -m flaxdiff.evaluate loads them: the first N, centre-cropped, not depending on --seed
@@ -58,10 +57,11 @@ def split_off_validation(opts: TrainOptions, spec: DataSpec, data, progress: boo
         held = load_image_data(dataclasses.replace(spec, split=opts.validation_split, center_crop=True, seed=0,
                                                    max_train_samples=count, num_shapes=count), progress)
         held_images, held_labels = (held.images, held.labels) if isinstance(held, LabeledImages) else (held, None)
-        if labels is not None and tuple(held.names) != tuple(data.names):
+        if isinstance(data, LabeledImages) and tuple(held.names) != tuple(data.names):
             raise ValueError(f"the {opts.validation_split} split's classes {held.names} differ from the training "
                              f"split's {data.names}")
         return data, Validation(held_images, held_labels, f"split {opts.validation_split!r}")
+    images, labels = (data.images, data.labels) if isinstance(data, LabeledImages) else (data, None)
     order = np.random.default_rng([opts.seed, 11]).permutation(len(images))
     count = min(max(1, int(round(fraction * len(images)))), len(images) - 1)
     held, kept = np.sort(order[:count]), np.sort(order[count:])
