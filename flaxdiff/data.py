@@ -345,8 +345,11 @@ class ImageSource:
     """A Hugging Face dataset's encoded images (not decoded yet) and its checked labels."""
 
     spec: DataSpec
-    raw: object  # the image column with decode=False: {"bytes", "path"} cells
+    encoded: object  # the dataset with its image column cast to decode=False: {"bytes", "path"} cells
+    column: str
     labels: tuple[np.ndarray, tuple[str, ...]] | None
+
+    READ_ROWS = 256  # cells read from Arrow at a time: memory stays bounded on any dataset size
 
     @classmethod
     def open(cls, spec: DataSpec) -> "ImageSource":
@@ -362,10 +365,17 @@ class ImageSource:
         if spec.labels:  # before decoding: a dataset without labels fails at once
             label_name, names = label_column(dataset, spec.class_column)
             labels = checked_labels(dataset[label_name], names, f"column {label_name!r} of {spec.dataset}")
-        return cls(spec, dataset.cast_column(column, datasets.Image(decode=False))[column], labels)
+        encoded = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        return cls(spec, encoded, column, labels)
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return len(self.encoded)
+
+    def cells(self, start: int, stop: int):
+        """(index, encoded cell) for start..stop-1, read from Arrow a slice at a time."""
+        for first in range(start, stop, self.READ_ROWS):
+            chunk = self.encoded[first:min(first + self.READ_ROWS, stop)][self.column]
+            yield from enumerate(chunk, first)
 
     def decode_into(self, out: np.ndarray, start: int, stop: int, progress: bool = False) -> list[tuple[int, str]]:
         """Decode images start..stop-1 into out[start:stop]; returns the unreadable ones as (index,
@@ -373,8 +383,8 @@ class ImageSource:
         from tqdm.auto import tqdm
 
         spec, bad = self.spec, []
-        for i in tqdm(range(start, stop), desc="decoding images", disable=not progress, leave=False):
-            cell = self.raw[i]
+        for i, cell in tqdm(self.cells(start, stop), total=stop - start, desc="decoding images",
+                            disable=not progress, leave=False):
             name = cell.get("path") or f"#{i} of {spec.dataset}" if isinstance(cell, dict) else f"#{i}"
             try:
                 image = to_mode(decode(cell, name), spec.channels)

@@ -74,7 +74,18 @@ def release_free_memory() -> None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory."""
+    """This process's peak resident memory.
+
+    On Linux it is VmHWM, the high-water mark of this program's own address space: ru_maxrss
+    survives exec, so a train.py started from a big process (a notebook, pytest) would report its
+    parent's size instead of its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

@@ -9,6 +9,19 @@ from pathlib import Path
 from conftest import ROOT
 
 STEPS = 32  # 64 images / batch 8 = 8 steps per epoch: 4 epochs
+def metrics_rows(run) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_rows(run) -> list[dict]:
+    """The rows of metrics.jsonl that a training window wrote (validation rows have no loss)."""
+    return [r for r in metrics_rows(run) if "loss" in r]
+
+
+def validation_rows(run) -> list[dict]:
+    return [r for r in metrics_rows(run) if "val_bpd" in r]
+
+
 VALIDATION = ("--validation_split", "test", "--validation_steps", "16", "--validation_num_images", "16",
               "--validation_num_timesteps", "4")
 MICRO = dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,

@@ -114,11 +114,12 @@ def test_conditional_run_saves_a_folder_diffusers_loads_with_its_classes(conditi
 
 
 def test_its_wandb_offline_run_holds_the_metrics_and_the_grids(conditional_run):
-    from test_loggers import metrics, wandb_history
+    from cli_runs import training_rows
+    from test_loggers import wandb_history
     out, _ = conditional_run
     run_files = list((out / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
-    history, rows = wandb_history(run_files[0]), metrics(out)
+    history, rows = wandb_history(run_files[0]), training_rows(out)
     assert [h["_step"] for h in history] == [r["step"] for r in rows]
     assert [round(h["train/loss"], 5) for h in history] == [round(r["loss"], 5) for r in rows]
     assert any(h.get("samples/_type") == "image-file" for h in history)

@@ -51,3 +51,14 @@ def test_one_cpu_device_per_core_divides_the_batch(monkeypatch, cores, batch, en
     environ = dict(env)
     host.one_cpu_device_per_core(batch, environ)
     assert environ.get("JAX_NUM_CPU_DEVICES") == expected
+
+
+def test_peak_memory_is_the_programs_own_not_its_parents():
+    """A program started from a big process (here this one, holding 800 MB more) reports its own
+    peak: ru_maxrss alone would report the parent's size, since it survives exec."""
+    import numpy as np
+
+    ballast = np.ones(100_000_000)  # 800 MB, resident
+    child = subprocess.run([sys.executable, "-c", "from flaxdiff.host import peak_rss_bytes; print(peak_rss_bytes())"],
+                           capture_output=True, text=True, check=True)
+    assert int(child.stdout) < 200 * 2**20 < ballast.nbytes

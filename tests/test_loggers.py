@@ -8,10 +8,7 @@ import struct
 
 
 import train as train_cli
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from cli_runs import training_rows, validation_rows
 
 
 def test_tensorboard_event_file_holds_the_metrics_and_the_grids(finished_run):
@@ -20,10 +17,13 @@ def test_tensorboard_event_file_holds_the_metrics_and_the_grids(finished_run):
     out, _ = finished_run
     events = EventAccumulator(str(out / "logs"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
-    rows = metrics(out)
+    rows, held_out = training_rows(out), validation_rows(out)
     logged = events.Scalars("train/loss")
     assert [e.step for e in logged] == [r["step"] for r in rows]
     assert [round(e.value, 5) for e in logged] == [round(r["loss"], 5) for r in rows]
+    validated = events.Scalars("train/val_bpd")
+    assert len(held_out) >= 2 and [(e.step, round(e.value, 5)) for e in validated] == [
+        (r["step"], round(r["val_bpd"], 5)) for r in held_out]
     assert {"train/lr", "train/grad_norm", "train/ema_decay", "train/images_per_sec"} <= set(events.Tags()["scalars"])
     grids = sorted(p.name for p in (out / "samples").iterdir())
     images = events.Images("samples")

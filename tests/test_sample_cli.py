@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import sample as sample_cli
+from cli_runs import validation_rows
 from flaxdiff.evaluate import main as evaluate_main
 
 
@@ -76,8 +77,7 @@ def test_validation_during_training_is_what_evaluate_says(finished_run, tmp_path
     timesteps each) is what python -m flaxdiff.evaluate gives for the same weights and draws: the
     EMA from the pipeline folder, the training weights from the last checkpoint."""
     out, log = finished_run
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    validations = [r for r in rows if "val_bpd" in r]
+    validations = validation_rows(out)
     assert [r["step"] for r in validations] == [16, 32] and "validation: 16 images (split 'test')" in log
     results = {}
     for name, model, extra in (("ema", out, []), ("raw", out / "checkpoints" / "32", ["--no_ema"])):

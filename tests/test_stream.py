@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from cli_runs import run_cli
+from cli_runs import run_cli, training_rows
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -64,7 +64,7 @@ def test_with_a_shuffle_buffer_a_resume_continues_from_the_saved_position(micro_
     log = finish(run_cli(stream_flags(micro_config, folder, resumed, "--resume_from_checkpoint",
                                       str(whole / "checkpoints" / "4"), buffer="16")))
     assert "at step 4" in log
-    losses = {run: {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    losses = {run: {row["step"]: row["loss"] for row in training_rows(run)}
               for run in (whole, resumed)}
     assert sorted(losses[resumed]) == [8, 12, 16]
     assert [losses[resumed][s] for s in (8, 12, 16)] != [losses[whole][s] for s in (8, 12, 16)]

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 import train as train_cli
-from cli_runs import STEPS, flags, run_cli
+from cli_runs import STEPS, flags, metrics_rows, run_cli, training_rows, validation_rows
 from flaxdiff import backend
 
 def test_output_folder(finished_run):
@@ -26,8 +26,7 @@ def test_output_folder(finished_run):
     grids = sorted(p.name for p in (out / "samples").iterdir())
     assert grids == ["epoch_0000_step_000008.png", "epoch_0002_step_000024.png", "epoch_0003_step_000032.png"]
     rows = training_rows(out)
-    validation = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-                  if "val_bpd" in line]
+    validation = validation_rows(out)
     assert [r["step"] for r in rows] == list(range(4, STEPS + 1, 4))
     assert [r["step"] for r in validation] == [16, 32]  # --validation_steps 16
     for row in rows:
@@ -101,12 +100,6 @@ def assert_same_weights(reference, out):
         assert a[key].tobytes() == b[key].tobytes(), key
 
 
-def training_rows(run):
-    """The rows of metrics.jsonl that a training window wrote (validation rows have no loss)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
-
-
 def assert_same_run(reference, out):
     """Bit-for-bit the same final weights and the same logged losses."""
     assert_same_weights(reference, out)
@@ -146,7 +139,7 @@ def test_checkpoints_total_limit_then_overwrite_output_dir(micro_config, tmp_pat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["16"]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_0000_step_000008.png",
                                                                     "epoch_0001_step_000016.png"]
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in metrics_rows(out)]
     assert steps == [4, 8, 12, 16]
     assert json.loads((out / "train_config.json").read_text())["total_steps"] == 16
 

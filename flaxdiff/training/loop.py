@@ -42,7 +42,7 @@ def run_loop(run: Run) -> Path:
     every = (opts.logging_steps, opts.checkpointing_steps, order.steps_per_epoch)
     dispatches = dispatch_schedule(run.start_step, total, opts.steps_per_dispatch,
                                    every + ((opts.validation_steps,) if opts.validation_steps else ()))
-    batches = run.feed.prefetch(dispatches)
+    batches = run.feed.prefetch(dispatches, depth=opts.prefetch_batches)
     progress = Progress(run.start_step, total, opts.logging_steps, order.steps_per_epoch, order.step_size,
                         run.metrics, run.is_main, run.logger)
     grids = SampleGrids(run)

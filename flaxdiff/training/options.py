@@ -79,6 +79,8 @@ class TrainOptions:
                            "checkpoints", group="data")
     shuffle_buffer_size: int = _opt(1000, "with --streaming: images in the shuffle buffer (0: the stream's own "
                                     "order, which a resume continues exactly)", group="data")
+    prefetch_batches: int = _opt(2, "batches prepared ahead of the step by a host thread (more: smoother when "
+                                 "reading is uneven, at the cost of host memory)", group="data")
     max_train_samples: int | None = _opt(None, "use only the first N images", group="data")
     num_shapes: int = _opt(2048, f"how many images the built-in '{BUILTIN}' dataset has", group="data")
     resolution: int | None = _opt(None, "image size: shorter side resized to this (bilinear), then cropped "
@@ -242,7 +244,7 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
                 "steps_per_dispatch", "ddpm_num_steps", "num_shapes"]
     positive += [name for name in ("max_train_steps", "checkpoints_total_limit", "num_inference_steps",
                                    "max_train_samples", "validation_steps") if getattr(opts, name) is not None]
-    positive += ["validation_num_images", "validation_num_timesteps"]
+    positive += ["validation_num_images", "validation_num_timesteps", "prefetch_batches"]
     for name in positive:
         if getattr(opts, name) < 1:
             raise OptionsError(f"--{name} must be at least 1, got {getattr(opts, name)}")
