@@ -102,7 +102,8 @@ def train(folder: Path, size: int, cache: str, out: Path, args, env: dict) -> di
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [row["images_per_sec"] for row in rows[1:] if row.get("images_per_sec")]  # the first window compiles
     done = next(line for line in run.stdout.splitlines() if line.startswith("done:"))
-    return {"images_per_sec_median": statistics.median(rates), "images_per_sec_windows": rates,
+    return {"steps": args.train_steps, "batch": args.train_batch_size,
+            "images_per_sec_median": statistics.median(rates), "images_per_sec_windows": rates,
             "wall_seconds": time.perf_counter() - start,
             "peak_rss_mb": float(done.split("peak memory ")[1].split(" MB")[0])}
 

@@ -2,7 +2,7 @@
 
 `--dataset` is one of: `shapes` (generated here, offline), `smithsonian_butterflies` (the course's
 dataset, `huggan/smithsonian_butterflies_subset`), any Hub dataset id, or a local image folder
-(`load_dataset("imagefolder", data_dir=...)`). Every image is decoded once, converted to RGB (or L
+(`load_dataset("imagefolder")`). Every image is decoded once, converted to RGB (or L
 for 1-channel models; palette, RGBA, CMYK and 16-bit images are converted, not refused), resized
 so its shorter side is `resolution` (bilinear, as torchvision's Resize) and cropped to a square
 (centre, or a random offset fixed per image by the seed). Random flips and batching happen later,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -187,17 +188,41 @@ def resolve_dataset_name(name: str | None) -> tuple[str, str]:
     return "hub", name
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def walk_files(folder: str):
+    """(path relative to folder, os.stat_result) of every file under folder, in sorted order; by
+    os.scandir, which is several times faster than Path.rglob on folders of a million files."""
+    entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.is_dir():
+            yield from ((f"{entry.name}/{name}", stat) for name, stat in walk_files(entry.path))
+        elif entry.is_file():
+            yield entry.name, entry.stat()
 
 
-def check_folder(folder: str) -> int:
-    files = _image_files(Path(folder))
-    if not files:
+# sub-folders that name a split, as datasets' imagefolder recognises them (datasets.data_files)
+SPLIT_FOLDERS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                 "test": ("test", "testing", "eval", "evaluation")}
+
+
+def folder_data_files(folder: str) -> dict[str, str]:
+    """An image folder's splits as `data_files` glob patterns: a split per split-named sub-folder,
+    else the whole folder as "train". Given to load_dataset("imagefolder") instead of data_dir, whose
+    split inference walks the whole tree once per candidate pattern (66 walks, against one here)."""
+    present = {entry.name for entry in os.scandir(folder) if entry.is_dir()}
+    splits = {}
+    for split, names in SPLIT_FOLDERS.items():
+        found = next((name for name in names if name in present), None)
+        if found:
+            splits[split] = f"{Path(folder).resolve()}/{found}/**"
+    return splits or {"train": f"{Path(folder).resolve()}/**"}
+
+
+def check_folder(folder: str) -> None:
+    """A folder with at least one image (the walk stops at the first)."""
+    if not any(Path(name).suffix.lower() in IMAGE_EXTENSIONS for name, _ in walk_files(folder)):
         present = sorted(p.name for p in Path(folder).iterdir())[:10]
         raise DataError(f"the folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                         f"found: {', '.join(present) if present else 'nothing'}")
-    return len(files)
 
 
 def _hub_error(name: str, error: Exception) -> DataError:
@@ -238,7 +263,8 @@ def open_dataset(spec: DataSpec):
     if kind == "folder":
         check_folder(name)
         try:
-            return datasets.load_dataset("imagefolder", data_dir=name, split=spec.split, cache_dir=spec.cache_dir)
+            return datasets.load_dataset("imagefolder", data_files=folder_data_files(name), split=spec.split,
+                                         cache_dir=spec.cache_dir)
         except (ValueError, FileNotFoundError) as error:
             raise DataError(f"cannot load the image folder {name}: {error}") from error
     _offline_if_unreachable()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import (BUILTIN, DataError, DataSpec, ImageSource, LabeledImages, _load_npz, open_dataset,
-                   resolve_dataset_name)
+                   resolve_dataset_name, walk_files)
 
 VERSION = 1  # of the cache's layout and of the preprocessing code; a change makes new keys
 DONE = "meta.json"  # written last: a folder without it is not a cache
@@ -48,9 +48,8 @@ def source_fingerprint(spec: DataSpec) -> str:
         return f"npz:{Path(name).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     if kind == "folder":
         digest = hashlib.sha256()
-        for path in sorted(p for p in Path(name).rglob("*") if p.is_file()):
-            stat = path.stat()
-            digest.update(f"{path.relative_to(name)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        for path, stat in walk_files(name):
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
         return f"folder:{Path(name).resolve()}:{digest.hexdigest()}"
     return f"hub:{name}:{open_dataset(spec)._fingerprint}"
 
@@ -165,9 +164,11 @@ def decode_all(source: ImageSource, images: np.ndarray, path: Path, workers: int
 
     ranges = [(start, min(start + CHUNK, count)) for start in range(0, count, CHUNK)]
     bad = []
-    # spawn, not fork: the parent may have started JAX's threads already
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        jobs = [pool.submit(_decode_range, source.spec, str(path), start, stop) for start, stop in ranges]
+    # spawn, not fork: the parent may have started JAX's threads already. Each worker receives the
+    # opened source once (a dataset pickles as references to its Arrow files), not per range.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_open_in_worker,
+                             initargs=(source, str(path))) as pool:
+        jobs = [pool.submit(_decode_range, start, stop) for start, stop in ranges]
         with tqdm(total=count, desc=f"decoding images ({workers} workers)", disable=not progress, leave=False) as bar:
             for job, (start, stop) in zip(jobs, ranges):
                 bad += job.result()
@@ -178,11 +179,16 @@ def decode_all(source: ImageSource, images: np.ndarray, path: Path, workers: int
 CHUNK = 1024  # images per worker task
 
 
-def _decode_range(spec: DataSpec, path: str, start: int, stop: int) -> list:
-    source = ImageSource.open(spec)  # from datasets' local cache: cheap
-    images = np.load(path, mmap_mode="r+")
-    bad = source.decode_into(images, start, stop)
-    images.flush()
+_worker: dict = {}
+
+
+def _open_in_worker(source: ImageSource, path: str) -> None:
+    _worker.update(source=source, images=np.load(path, mmap_mode="r+"))
+
+
+def _decode_range(start: int, stop: int) -> list:
+    bad = _worker["source"].decode_into(_worker["images"], start, stop)
+    _worker["images"].flush()
     return bad
 
 

@@ -36,7 +36,15 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.settings.items()) or "base"
+        """The run folder's name: flag=value pairs, a path value by its last part (a config folder's name)."""
+        return ",".join(f"{k}={_short(v)}" for k, v in self.settings.items()) or "base"
+
+
+def _short(value: str) -> str:
+    path = Path(value)
+    if len(path.parts) < 2:
+        return value
+    return path.parent.name if path.name == "config.json" else path.name
 
 
 def parse_grid(entries: list[str]) -> dict[str, list[str]]:
@@ -78,6 +86,10 @@ def recipes(grid: dict[str, list[str]], base_args: list[str], output_dir: Path, 
         opts.checkpointing_steps = min(opts.checkpointing_steps, opts.validation_steps * 2)
         opts.save_model_epochs = opts.save_images_epochs = 10**6  # the end only (and its grid)
         out.append(recipe)
+    names = [r.name for r in out]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two recipes would share a run folder ({', '.join(sorted(set(n for n in names if names.count(n) > 1)))}): "
+                         "give the --grid values distinct last path parts")
     return out
 
 

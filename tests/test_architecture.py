@@ -74,3 +74,11 @@ def test_help_and_option_checks_load_no_jax():
             "flaxdiff.training.options; print('jax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False", out
+
+
+def test_every_training_module_has_a_row():
+    """The training package's table in docs/architecture.md names each of its modules."""
+    page = (Path(ROOT) / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"^\| `(\w+\.py)` \|", page, re.M))
+    modules = {p.name for p in (PACKAGE / "training").glob("*.py") if p.name != "__init__.py"}
+    assert modules <= named, f"no row in docs/architecture.md for {sorted(modules - named)}"

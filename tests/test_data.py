@@ -146,3 +146,33 @@ def test_npz_problems_are_named(tmp_path, arrays, match):
     np.savez(tmp_path / "data.npz", **arrays)
     with pytest.raises(DataError, match=match):
         load_images(DataSpec(dataset=str(tmp_path / "data.npz"), resolution=8), progress=False)
+
+
+def test_image_folder_splits_and_classes_as_datasets_reads_them(tmp_path):
+    """flaxdiff lists an image folder once (data_files patterns) instead of datasets' data_dir
+    inference, which walks the tree once per candidate split pattern; the splits, the images, their
+    order and their class labels stay what data_dir gives."""
+    import datasets
+
+    from flaxdiff.data import open_dataset
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 5), ("test", 3)):
+        for kind in ("cats", "dogs"):
+            (tmp_path / "pets" / split / kind).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(
+                    tmp_path / "pets" / split / kind / f"{i}.png")
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "flat" / "one.png")
+    for folder, split in (("pets", "train"), ("pets", "test"), ("flat", "train")):
+        ours = open_dataset(DataSpec(dataset=str(tmp_path / folder), split=split, cache_dir=str(tmp_path / "c1")))
+        theirs = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / folder), split=split,
+                                       cache_dir=str(tmp_path / "c2"))
+        assert ours.features == theirs.features and len(ours) == len(theirs)
+        assert [np.asarray(image).tolist() for image in ours["image"]] == \
+            [np.asarray(image).tolist() for image in theirs["image"]]
+        if "label" in theirs.features:
+            assert ours["label"] == theirs["label"]
+    with pytest.raises(DataError, match="cannot load the image folder"):
+        open_dataset(DataSpec(dataset=str(tmp_path / "pets"), split="validation", cache_dir=str(tmp_path / "c1")))

@@ -121,7 +121,7 @@ def cli_error(capsys, args) -> str:
 
 @pytest.mark.parametrize("extra, expected", [
     (["--resolution", "32"], "--resolution 32 contradicts the pretrained model"),
-    (["--prediction_type", "v_prediction"], "--prediction_type v_prediction contradicts the pretrained model"),
+    (["--prediction_type", "epsilon"], "--prediction_type epsilon contradicts the pretrained model"),
     (["--ddpm_num_steps", "500"], "which has 1000: drop --ddpm_num_steps"),
     (["--model_preset", "tiny"], "--pretrained_model_name_or_path and --model_preset each name the model"),
 ])

@@ -51,3 +51,15 @@ def test_bad_grid_is_named(capsys, tmp_path):
     assert "--grid 'lr=1': give a train.py flag" in capsys.readouterr().err
     assert recipes.main(["--output_dir", str(tmp_path), "--images_seen", "10", "--", "--dataset", str(tmp_path)]) == 2
     assert "pass -- --validation_split" in capsys.readouterr().err
+
+
+def test_path_values_name_their_folder_by_the_last_part(tmp_path, capsys):
+    """A grid over config folders makes one run folder per config, named after it; two configs whose
+    folders share a name are an error, not one run overwriting the other."""
+    configs = [tmp_path / "sizes" / name for name in ("small", "wide")]
+    grid = recipes.parse_grid([f"model_config_name_or_path={configs[0]},{configs[1] / 'config.json'}"])
+    names = [r.name for r in recipes.recipes(grid, [], tmp_path / "sweep", 64, 2)]
+    assert names == ["model_config_name_or_path=small", "model_config_name_or_path=wide"]
+    clash = f"model_config_name_or_path={tmp_path / 'a' / 'small'},{tmp_path / 'b' / 'small'}"
+    assert recipes.main(["--output_dir", str(tmp_path / "s"), "--images_seen", "64", "--grid", clash]) == 2
+    assert "two recipes would share a run folder (model_config_name_or_path=small)" in capsys.readouterr().err

@@ -48,19 +48,34 @@ def test_output_loads_in_pytorch_diffusers(finished_run):
     assert ours.scheduler_config["_class_name"] == "DDPMScheduler"
 
 
-def test_scheduler_config_is_the_one_train_unconditional_saves(finished_run):
+def test_scheduler_config_is_the_one_train_unconditional_saves(finished_run, tmp_path):
     """Every setting, and `_use_default_values` (the settings left at their defaults, which another
     scheduler built from the folder takes from its own defaults: DPM-Solver spaces its steps
-    'linspace', not DDPM's 'leading')."""
+    'linspace', not DDPM's 'leading'): for the built-in dataset's recipe (v-prediction, the cosine
+    schedule, trailing spacing) as the run saved it, and for a real dataset's defaults (diffusers')."""
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
-    ours = json.loads((finished_run[0] / "scheduler" / "scheduler_config.json").read_text())
-    theirs = dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon").config)
-    assert set(ours.pop("_use_default_values")) == set(theirs.pop("_use_default_values"))
-    assert {k: v for k, v in ours.items() if not k.startswith("_")} == theirs
+
     from flaxdiff import DiffusionPipeline
+    from flaxdiff.training import TrainOptions
+    from flaxdiff.training.model import scheduler_config_for
+    from flaxdiff.training.options import resolve_options
+
+    def assert_same(ours, theirs):
+        assert set(ours.pop("_use_default_values")) == set(theirs.pop("_use_default_values"))
+        assert {k: v for k, v in ours.items() if not k.startswith("_")} == theirs
+
+    ours = json.loads((finished_run[0] / "scheduler" / "scheduler_config.json").read_text())
+    assert_same(ours, dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                         prediction_type="v_prediction", timestep_spacing="trailing").config))
     dpm = DPMSolverMultistepScheduler.from_pretrained(finished_run[0], subfolder="scheduler")
     assert DiffusionPipeline.from_pretrained(finished_run[0]).make_sampler("dpmsolver++").timestep_spacing == \
-        dpm.config.timestep_spacing == "linspace"
+        dpm.config.timestep_spacing == "trailing"
+
+    np.savez(tmp_path / "real.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    ours = scheduler_config_for(resolve_options(TrainOptions(dataset=str(tmp_path / "real.npz"))))
+    assert DPMSolverMultistepScheduler.from_config(ours).config.timestep_spacing == "linspace"
+    assert_same(ours, dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                         prediction_type="epsilon").config))
 
 
 def test_sigkill_then_resume_equals_uninterrupted(finished_run, micro_config, tmp_path):

@@ -44,10 +44,15 @@ PROFILE_DEFAULTS = {
     "use_ema": (False, True),
     "sampler": ("ddim", "ddpm"),
     "num_inference_steps": (50, 100),
+    "timestep_spacing": ("leading", "trailing"),
 }
 # Model defaults that a pretrained model's configs replace (--pretrained_model_name_or_path).
 MODEL_DEFAULTS = {"resolution": 32, "num_channels": 3, "prediction_type": "epsilon", "ddpm_num_steps": 1000,
                   "ddpm_beta_schedule": "linear"}
+# ... except on the built-in dataset, whose few-minute model samples well with every sampler only
+# with these (benchmarks/default_recipe.py: a shape classifier recognises 69-73% of its DDPM, DDIM
+# and DPM-Solver++ samples, against 37-54% with epsilon and the linear schedule; docs/recipes.md).
+BUILTIN_MODEL_DEFAULTS = {"prediction_type": "v_prediction", "ddpm_beta_schedule": "squaredcos_cap_v2"}
 
 
 def _opt(default, help, **kwargs):
@@ -111,17 +116,20 @@ class TrainOptions:
                                                  group="model")
     num_channels: int | None = _opt(None, "image channels for presets: 3 (RGB) or 1 (grayscale) (default 3)",
                                     group="model", choices=(1, 3))
-    prediction_type: str | None = _opt(None, "what the model predicts (default epsilon; a pretrained model's)",
+    prediction_type: str | None = _opt(None, "what the model predicts (default epsilon; v_prediction for the "
+                                       "built-in dataset; a pretrained model's)",
                                        group="model", choices=PREDICTION_TYPES)
     ddpm_num_steps: int | None = _opt(None, "number of diffusion timesteps T (default 1000; a pretrained model's)",
                                       group="model")
-    ddpm_beta_schedule: str | None = _opt(None, "noise schedule (default linear; a pretrained model's)",
+    ddpm_beta_schedule: str | None = _opt(None, "noise schedule (default linear; squaredcos_cap_v2 for the "
+                                          "built-in dataset; a pretrained model's)",
                                           group="model", choices=BETA_SCHEDULES)
     rescale_betas_zero_snr: bool = _opt(False, "rescale the betas to zero terminal SNR (Lin et al. 2024), so the "
                                         "last timestep is pure noise as sampling assumes; use with v_prediction",
                                         group="model")
-    timestep_spacing: str = _opt("leading", "how samplers space their timesteps (diffusers' scheduler option; "
-                                 "trailing starts sampling at the last timestep)", group="model",
+    timestep_spacing: str | None = _opt(None, "how samplers space their timesteps (diffusers' scheduler option; "
+                                        "trailing starts sampling at the last timestep) (default leading; "
+                                        "trailing for the built-in dataset)", group="model",
                                  choices=TIMESTEP_SPACINGS)
     class_conditional: bool = _opt(False, "train on class labels (UNet2DModel's num_class_embeds: one embedding per "
                                    "class and one for the null class); the labels come from the dataset's ClassLabel "
@@ -226,7 +234,7 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
               if getattr(opts, n)]
     if len(models) > 1:
         raise OptionsError(f"{' and '.join(models)} each name the model to train: give one of them, not both")
-    fill_model_defaults(opts)
+    fill_model_defaults(opts, builtin)
     if opts.model_config_name_or_path or opts.pretrained_model_name_or_path:
         opts.model_preset = None
     for name, (usual, demo) in PROFILE_DEFAULTS.items():
@@ -282,11 +290,13 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
     return opts
 
 
-def fill_model_defaults(opts: TrainOptions) -> None:
+def fill_model_defaults(opts: TrainOptions, builtin: bool) -> None:
     """--resolution, --num_channels and the noise-schedule flags: what was given, else the pretrained
-    model's, else MODEL_DEFAULTS; a given value that contradicts the pretrained model is an error."""
+    model's, else MODEL_DEFAULTS (BUILTIN_MODEL_DEFAULTS on the built-in dataset); a given value that
+    contradicts the pretrained model is an error."""
     pretrained = pretrained_values(opts.pretrained_model_name_or_path) if opts.pretrained_model_name_or_path else {}
     for name, usual in MODEL_DEFAULTS.items():
+        usual = BUILTIN_MODEL_DEFAULTS.get(name, usual) if builtin else usual
         given, theirs = getattr(opts, name), pretrained.get(name)
         if given is not None and theirs is not None and given != theirs:
             raise OptionsError(f"--{name} {given} contradicts the pretrained model "

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 
-from ..data import (DataError, DataSpec, checked_labels, decode, image_column, label_column, resize_and_crop,
+from ..data import (DataError, DataSpec, checked_labels, decode, folder_data_files, image_column, label_column, resize_and_crop,
                     resolve_dataset_name, to_mode)
 from ..parallel import global_batch
 from .feed import BATCH_AXIS, Prefetcher
@@ -69,7 +69,8 @@ class StreamFeed:
             raise OptionsError(f"--streaming reads Hub datasets and image folders, not {kind} data: drop --streaming")
         try:
             if kind == "folder":
-                stream = datasets.load_dataset("imagefolder", data_dir=name, split=spec.split, streaming=True)
+                stream = datasets.load_dataset("imagefolder", data_files=folder_data_files(name), split=spec.split,
+                                                streaming=True)
             else:
                 stream = datasets.load_dataset(name, spec.dataset_config_name, split=spec.split, streaming=True)
         except Exception as error:  # connection, missing repo, no such split: one message
