@@ -9,6 +9,17 @@ from pathlib import Path
 from conftest import ROOT
 
 STEPS = 32  # 64 images / batch 8 = 8 steps per epoch: 4 epochs
+def cli_error(capsys, args) -> str:
+    """train.py's one `error:` line for bad flags or data (exit code 2, no traceback)."""
+    import train as train_cli
+
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
 def metrics_rows(run) -> list[dict]:
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 

@@ -12,8 +12,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 import sample as sample_cli
-import train as train_cli
-from cli_runs import MICRO, flags, run_cli
+from cli_runs import MICRO, cli_error, flags, run_cli
 from flaxdiff import DiffusionPipeline
 from flaxdiff.diffusers_io import load_unet
 from flaxdiff.evaluate import main as evaluate_main
@@ -139,14 +138,6 @@ def test_sample_and_evaluate_with_labels(conditional_run, tmp_path, capsys):
     assert evaluate_main(["--model", str(out), "--num_images", "8", "--num_timesteps", "2", "--batch_size", "8",
                           "--output_json", str(result)]) == 0
     assert 0 < json.loads(result.read_text())["bits_per_dim"] < 20
-
-
-def cli_error(capsys, args) -> str:
-    assert train_cli.main(args) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 def test_label_problems_are_named(capsys, tmp_path, micro_config):

@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-import train as train_cli
-from cli_runs import MICRO, flags, run_cli
+from cli_runs import MICRO, cli_error, flags, run_cli
 from flaxdiff.diffusers_io import unet_state_dict
 from flaxdiff.training import TrainOptions
 from flaxdiff.training.options import resolve_options
@@ -109,14 +108,6 @@ def test_google_pipelines_start_from_their_weights_bit_for_bit(tmp_path, unet_co
     assert int(run.state.step) == 0
     moments = [x for x in jax.tree.leaves(run.state.opt_state) if getattr(x, "ndim", 0) > 0]
     assert moments and all(not np.asarray(m).any() for m in moments)  # Adam's moments start at zero
-
-
-def cli_error(capsys, args) -> str:
-    assert train_cli.main(args) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 @pytest.mark.parametrize("extra, expected", [
