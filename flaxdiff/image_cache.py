@@ -1,7 +1,7 @@
 """Decode once, read from disk after: the training images as a uint8 file.
 
 The first run decodes, converts, resizes and crops every image with several worker processes
-straight into `images.npy` (written through a memory map; the labels beside it) under a folder
+straight into `images.npy` (written row by row with `os.pwrite`; the labels beside it) under a folder
 named by a key of everything the pixels depend on: the source's fingerprint and the preprocessing
 options. Later runs and resumes open that file in constant time (`DiskArray`): no decoding, and a
 batch reads its rows with `os.pread`, so the process maps nothing and its memory does not grow
@@ -63,18 +63,24 @@ def cache_key(spec: DataSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def npy_layout(path: Path) -> tuple[int, tuple[int, ...]]:
+    """(offset of the data, shape) of a C-ordered uint8 .npy file."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran or dtype != np.uint8:
+        raise DataError(f"{path} is not a C-ordered uint8 array: remove it to decode again")
+    return offset, tuple(shape)
+
+
 class DiskArray:
     """A uint8 .npy file read row by row: `array[indices]` reads just those rows (os.pread)."""
 
     def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            self.offset = f.tell()
-        if fortran or dtype != np.uint8:
-            raise DataError(f"{path} is not a C-ordered uint8 array: remove it to decode again")
-        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(np.uint8)
+        self.offset, self.shape = npy_layout(path)
+        self.path, self.dtype = path, np.dtype(np.uint8)
         self.row_bytes = int(np.prod(self.shape[1:]))
         self.fd = os.open(path, os.O_RDONLY)
 
@@ -108,6 +114,33 @@ class DiskArray:
             pass
 
 
+def create_npy(path: Path, shape: tuple[int, ...]) -> None:
+    """A uint8 .npy file of `shape`, its rows not written yet (a sparse file: no disk used so far)."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        f.truncate(f.tell() + int(np.prod(shape)))
+
+
+class RowWriter:
+    """Writes rows of a uint8 .npy file in place: `writer[i] = image` is one os.pwrite. Unlike a
+    memory map, the written pages stay out of the process's resident memory (they are the page
+    cache's), so decoding a dataset larger than RAM does not grow the decoding process."""
+
+    def __init__(self, path: Path):
+        self.offset, shape = npy_layout(path)
+        self.row_shape, self.row_bytes = shape[1:], int(np.prod(shape[1:]))
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def __setitem__(self, index: int, row: np.ndarray) -> None:
+        data = np.ascontiguousarray(row, np.uint8).reshape(self.row_shape)
+        os.pwrite(self.fd, data.tobytes(), self.offset + int(index) * self.row_bytes)
+
+    def close(self) -> None:
+        os.fsync(self.fd)  # a full disk shows here, before the cache is renamed into place
+        os.close(self.fd)
+
+
 def open_cached(folder: Path):
     """A complete cache: its images as a DiskArray (and its labels)."""
     meta = json.loads((folder / DONE).read_text())
@@ -133,8 +166,9 @@ def load_cached_image_data(spec: DataSpec, root: Path | None = None, workers: in
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         shape = (len(source), spec.resolution, spec.resolution, spec.channels)
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
-        bad = decode_all(source, images, tmp / "images.npy", workers, progress)
+        create_npy(tmp / "images.npy", shape)
+        bad = decode_all(source, tmp / "images.npy", workers, progress)
+        images = np.load(tmp / "images.npy", mmap_mode="r")
         seconds = time.perf_counter() - start
         if bad and spec.on_bad_image == "skip":
             log(f"left out {len(bad)} unreadable image(s) (--on_bad_image skip): "
@@ -152,14 +186,16 @@ def load_cached_image_data(spec: DataSpec, root: Path | None = None, workers: in
         raise
 
 
-def decode_all(source: ImageSource, images: np.ndarray, path: Path, workers: int, progress: bool) -> list:
-    """Decode every image into the memory-mapped `images`: in this process, or in `workers` worker
+def decode_all(source: ImageSource, path: Path, workers: int, progress: bool) -> list:
+    """Decode every image into the .npy file at `path`: in this process, or in `workers` worker
     processes each decoding its own ranges into the same file."""
     count = len(source)
     if workers <= 1 or count < 2 * CHUNK:
-        bad = source.decode_into(images, 0, count, progress)
-        images.flush()
-        return bad
+        writer = RowWriter(path)
+        try:
+            return source.decode_into(writer, 0, count, progress)
+        finally:
+            writer.close()
     from tqdm.auto import tqdm
 
     ranges = [(start, min(start + CHUNK, count)) for start in range(0, count, CHUNK)]
@@ -183,13 +219,15 @@ _worker: dict = {}
 
 
 def _open_in_worker(source: ImageSource, path: str) -> None:
-    _worker.update(source=source, images=np.load(path, mmap_mode="r+"))
+    _worker.update(source=source, path=path)
 
 
 def _decode_range(start: int, stop: int) -> list:
-    bad = _worker["source"].decode_into(_worker["images"], start, stop)
-    _worker["images"].flush()
-    return bad
+    writer = RowWriter(_worker["path"])
+    try:
+        return _worker["source"].decode_into(writer, start, stop)
+    finally:
+        writer.close()
 
 
 def write_cache(folder: Path, spec: DataSpec, data, keep, seconds: float, tmp: Path | None = None):

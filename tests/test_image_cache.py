@@ -74,8 +74,9 @@ def peak_memory_mb(log: str) -> float:
 
 
 def test_memory_does_not_grow_with_the_dataset(micro_config, tmp_path):
-    """Training from the cache of 8,000 and of 80,000 images (6 MB and 61 MB of pixels): runs that
-    open the cache peak at the same memory, within 10 MB. The first run is a warm-up: it fills the
+    """Training from the cache of 8,000 and of 160,000 images (6 MB and 123 MB of pixels): runs that
+    open the cache peak at the same memory, within 30 MB (measured: 664 and 671 MB; other
+    tests running beside it move a peak by some MB). The first run is a warm-up: it fills the
     persistent compilation cache, so that both measured runs load the step instead of compiling it."""
     from flaxdiff.training import TrainOptions
     from flaxdiff.training.options import resolve_options
@@ -95,6 +96,6 @@ def test_memory_does_not_grow_with_the_dataset(micro_config, tmp_path):
         return peak_memory_mb(log)
 
     train_from_cache(8000, "warm-up")
-    peaks = {count: train_from_cache(count, f"run-{count}") for count in (8000, 80000)}
+    peaks = {count: train_from_cache(count, f"run-{count}") for count in (8000, 160000)}
     print(f"\npeak memory training from the cache: {peaks}")
-    assert abs(peaks[80000] - peaks[8000]) < 10
+    assert abs(peaks[160000] - peaks[8000]) < 30
