@@ -159,7 +159,10 @@ def table(results: dict) -> str:
 
         def trained(key):
             run = r.get(key)
-            return f"{run['images_per_sec_median']:.0f} img/s, {run['peak_rss_mb']:.0f} MB" if run else "–"
+            if not run:
+                return "–"
+            memory = f", {run['peak_rss_mb']:.0f} MB" if run.get("peak_rss_mb") else ""
+            return f"{run['images_per_sec_median']:.3g} img/s{memory}"
         opened = r.get("workers_2", r.get("workers_0", {})).get("second_run")
         lines.append(f"| {r['images']:,} | {r['resolution']} | {r['pixels_mb']:,.0f} MB | {r['index']['seconds']:.1f}s "
                      f"| {decode(0)} | {decode(2)} | {opened['seconds']:.2f}s, {opened['peak_rss_mb']:.0f} MB | "
