@@ -99,3 +99,14 @@ def test_memory_does_not_grow_with_the_dataset(micro_config, tmp_path):
     peaks = {count: train_from_cache(count, f"run-{count}") for count in (8000, 160000)}
     print(f"\npeak memory training from the cache: {peaks}")
     assert abs(peaks[160000] - peaks[8000]) < 30
+
+
+def test_options_that_do_not_change_the_pixels_do_not_change_the_key(tmp_path):
+    """train.py's spec and a spec made elsewhere (DataSpec's own defaults) name the same cache of an
+    .npz: the built-in dataset's image count is no option of other sources."""
+    data = tmp_path / "d.npz"
+    np.savez(data, images=np.zeros((4, 8, 8, 3), np.uint8))
+    assert image_cache.cache_key(DataSpec(dataset=str(data), resolution=8, num_shapes=2048)) == \
+        image_cache.cache_key(DataSpec(dataset=str(data), resolution=8, num_shapes=4096))
+    assert image_cache.cache_key(DataSpec(num_shapes=2048, resolution=8)) != \
+        image_cache.cache_key(DataSpec(num_shapes=4096, resolution=8))
