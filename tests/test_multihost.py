@@ -71,7 +71,9 @@ def test_kill_both_processes_and_resume(runs, micro_config, tmp_path):
     processes = two_processes(micro_config, out, "--checkpointing_steps", "4")
     deadline = time.time() + 900
     while not (out / "checkpoints" / "4").is_dir():
-        assert all(p.poll() is None for p in processes), "the run ended before it could be killed"
+        if any(p.poll() is not None for p in processes):  # say why: a crash, or a run too fast to kill
+            logs = [p.communicate(timeout=900)[0] for p in processes]
+            pytest.fail("the run ended before it could be killed:\n" + "\n---\n".join(log[-3000:] for log in logs))
         assert time.time() < deadline
         time.sleep(0.02)
     for process in processes:
