@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from cli_runs import MICRO, cli_error, flags, run_cli
+from torch_models import with_legacy_attention_names
 from flaxdiff.diffusers_io import unet_state_dict
 from flaxdiff.training import TrainOptions
 from flaxdiff.training.options import resolve_options
@@ -43,13 +44,7 @@ def google_folder(path, unet_config):
     torch.manual_seed(0)
     model = UNet2DModel.from_config({k: v for k, v in unet_config.items() if not k.startswith("_")})
     model.save_pretrained(path / "unet")
-    tensors = load_file(str(path / WEIGHTS))
-    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    renamed = {}
-    for name, value in tensors.items():
-        for new, old in legacy.items():
-            name = name.replace(f".{new}.", f".{old}.")
-        renamed[name] = value
+    renamed = with_legacy_attention_names(load_file(str(path / WEIGHTS)))
     from safetensors.numpy import save_file
     save_file(renamed, str(path / WEIGHTS))
     (path / "unet" / "config.json").write_text(json.dumps(unet_config))

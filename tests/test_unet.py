@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 from flaxdiff.compat import variable_value
 from flaxdiff.diffusers_io import load_unet, save_unet, unet_state_dict
 from flaxdiff.unet import UNet2D, UNet2DConfig
-from torch_models import CONFIGS, TINY, perturbed_unet
+from torch_models import CONFIGS, TINY, perturbed_unet, with_legacy_attention_names
 
 TIMESTEPS = [0, 1, 50, 500, 999]
 
@@ -143,13 +143,7 @@ def test_round_trip_is_exact(saved_unets, tmp_path):
 def test_deprecated_attention_names_load(saved_unets, tmp_path):
     """Checkpoints from before diffusers 0.14 (google/ddpm-*) name attention query/key/value/proj_attn."""
     torch_unet, folder = saved_unets["mnist"]
-    tensors = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    renamed = {}
-    for name, value in tensors.items():
-        for new, legacy in old.items():
-            name = name.replace(f".{new}.", f".{legacy}.")
-        renamed[name] = value
+    renamed = with_legacy_attention_names(load_file(str(folder / "diffusion_pytorch_model.safetensors")))
     assert any(".proj_attn." in n for n in renamed)
     save_file(renamed, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())

@@ -34,3 +34,15 @@ def perturbed_unet(config, seed=0, scale=0.02):
         for param in model.parameters():
             param.add_(scale * torch.randn_like(param))
     return model
+
+
+def with_legacy_attention_names(tensors: dict) -> dict:
+    """The weights renamed as checkpoints from before diffusers 0.14 (google/ddpm-*) name attention:
+    query/key/value/proj_attn (written out here, not taken from flaxdiff's own map)."""
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for name, value in tensors.items():
+        for new, old in legacy.items():
+            name = name.replace(f".{new}.", f".{old}.")
+        renamed[name] = value
+    return renamed
