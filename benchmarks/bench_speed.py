@@ -48,6 +48,66 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def unet_config(config: dict | None) -> dict:
+    """The worker's UNet config (JSON turns tuples into lists; both libraries take tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in (config or COURSE).items()}
+
+
+def image_shape(config: dict) -> tuple[int, int, int]:
+    return config["sample_size"], config["sample_size"], config.get("in_channels", 3)
+
+
+def jax_top_ops(compiled, one_call, count: int = 3, calls: int = 2) -> list[dict]:
+    """The `count` most expensive operations of a compiled XLA program, from a jax.profiler trace of
+    `calls` calls of one_call() (which runs it and returns its outputs): each executed HLO instruction's time (XLA:CPU's thunk events), summed per opcode
+    and the JAX primitive it came from (the instruction's op_name metadata), as shares of the total."""
+    import glob
+    import gzip
+    import re
+    import tempfile
+
+    import jax
+
+    kinds = {}
+    for line in compiled.as_text().splitlines():
+        match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(', line)
+        if match:
+            op_name = re.search(r'op_name="([^"]+)"', line)
+            primitive = re.sub(r"\[.*", "", op_name.group(1).split("/")[-1]) if op_name else "?"
+            # XLA names instructions by what they do (convolution.3, transpose_copy_fusion.2, ...)
+            kinds[match.group(1)] = f"{re.sub(r'[.][0-9]+$', '', match.group(1))} ({primitive})"
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(one_call())
+        trace = json.load(gzip.open(glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)[0]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    totals = {}
+    for event in events:
+        op = (event.get("args") or {}).get("hlo_op")
+        # a loop's or call's own event spans its body's instructions, which have events of their own
+        if event.get("ph") == "X" and op and not op.startswith(("while", "conditional", "call")):
+            kind = kinds.get(op, op)
+            totals[kind] = totals.get(kind, 0.0) + event.get("dur", 0.0)
+    return top_shares(totals, count)
+
+
+def top_shares(totals: dict, count: int) -> list[dict]:
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:count]
+    return [{"op": name, "share": seconds / whole} for name, seconds in ranked]
+
+
+def torch_top_ops(one_step, count: int = 3, calls: int = 2) -> list[dict]:
+    """The `count` most expensive aten operations of `calls` calls of one_step (self CPU time)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(calls):
+            one_step()
+    return top_shares({e.key: e.self_cpu_time_total for e in profile.key_averages()}, count)
+
+
 def textbook_upsample_conv(x, kernel, bias):
     """Upsample2D as diffusers computes it (upsample, then the 3x3 convolution): only for counting
     the textbook model's FLOPs, which flaxdiff's low-resolution form (flaxdiff/ops.py) lowers."""
@@ -60,7 +120,8 @@ def textbook_upsample_conv(x, kernel, bias):
 
 
 # --------------------------------------------------------------------------- workers (one per subprocess)
-def flax_train(batch: int, steps: int, mixed_precision: str = "no") -> dict:
+def flax_train(batch: int, steps: int, mixed_precision: str = "no", config: dict | None = None,
+               profile: bool = False) -> dict:
     import numpy as np
     import jax
     import jax.numpy as jnp
@@ -73,12 +134,13 @@ def flax_train(batch: int, steps: int, mixed_precision: str = "no") -> dict:
     from flaxdiff.unet import UNet2D
 
     dtype = jnp.bfloat16 if mixed_precision == "bf16" else jnp.float32
-    graphdef, params = nnx.split(UNet2D(COURSE, rngs=nnx.Rngs(0), dtype=dtype))
+    config_ = unet_config(config)
+    graphdef, params = nnx.split(UNet2D(config_, rngs=nnx.Rngs(0), dtype=dtype))
     mesh = parallel.make_mesh()
     config = TrainStepConfig(total_steps=1000, lr_warmup_steps=0, mixed_precision=mixed_precision)
     state = parallel.replicate(create_train_state(nnx.to_pure_dict(params), config), mesh)
     del params
-    images = np.random.default_rng(0).integers(0, 256, (1, 1, batch, 32, 32, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (1, 1, batch, *image_shape(config_)), dtype=np.uint8)
     batch_array = parallel.global_batch(images, mesh, batch_axis=2)
     fast_upsample, ops.upsample_conv = ops.upsample_conv, textbook_upsample_conv
     textbook = make_train_step(graphdef, NoiseSchedule.from_config(), config, mesh, seed=0)
@@ -100,10 +162,17 @@ def flax_train(batch: int, steps: int, mixed_precision: str = "no") -> dict:
         seconds.append(time.perf_counter() - start)
     per_step = statistics.median(seconds)
     peak = parallel.peak_flops_per_device()
-    return {"images_per_sec": batch / per_step, "compile_seconds": compile_seconds,
-            "flops_per_image": flops / batch, "model_flops_per_image": model_flops / batch,
-            "mfu": model_flops / per_step / (peak * jax.device_count()) if peak else None,
-            "peak_rss_mb": peak_rss_mb(), "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20}
+    result = {"images_per_sec": batch / per_step, "compile_seconds": compile_seconds,
+              "flops_per_image": flops / batch, "model_flops_per_image": model_flops / batch,
+              "mfu": model_flops / per_step / (peak * jax.device_count()) if peak else None,
+              "peak_rss_mb": peak_rss_mb(), "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20}
+    if profile:  # after the timed steps, so tracing does not slow them
+        def one_step():
+            nonlocal state
+            state, step_metrics = compiled(state, batch_array)  # the state is donated: thread it
+            return step_metrics
+        result["top_ops"] = jax_top_ops(compiled, one_step)
+    return result
 
 
 def torch_device():
@@ -112,7 +181,8 @@ def torch_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def torch_train(batch: int, steps: int, mixed_precision: str = "no") -> dict:
+def torch_train(batch: int, steps: int, mixed_precision: str = "no", config: dict | None = None,
+                profile: bool = False) -> dict:
     """A faithful transcription of train_unconditional.py's step (epsilon loss, clip 1.0, AdamW;
     bf16 autocast as accelerate's mixed_precision="bf16")."""
     import contextlib
@@ -123,10 +193,12 @@ def torch_train(batch: int, steps: int, mixed_precision: str = "no") -> dict:
 
     device = torch_device()
     torch.manual_seed(0)
-    model = UNet2DModel(**COURSE).train().to(device)
+    config = unet_config(config)
+    model = UNet2DModel(**config).train().to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    clean = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    height, width, channels = image_shape(config)
+    clean = torch.rand(batch, channels, height, width, device=device) * 2 - 1
     autocast = (torch.autocast(device, dtype=torch.bfloat16) if mixed_precision == "bf16"
                 else contextlib.nullcontext())
 
@@ -149,20 +221,24 @@ def torch_train(batch: int, steps: int, mixed_precision: str = "no") -> dict:
         start = time.perf_counter()
         one_step()
         seconds.append(time.perf_counter() - start)
-    return {"images_per_sec": batch / statistics.median(seconds), "peak_rss_mb": peak_rss_mb(),
-            "threads": torch.get_num_threads(), "device": device}
+    result = {"images_per_sec": batch / statistics.median(seconds), "peak_rss_mb": peak_rss_mb(),
+              "threads": torch.get_num_threads(), "device": device}
+    if profile:
+        result["top_ops"] = torch_top_ops(one_step)
+    return result
 
 
-def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = ()) -> dict:
+def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = (), config: dict | None = None) -> dict:
     import jax
     from flax import nnx
 
     from flaxdiff.pipeline import DiffusionPipeline, sample_program, spread_over_devices
     from flaxdiff.unet import UNet2D
 
-    pipe = DiffusionPipeline(UNet2D(COURSE, rngs=nnx.Rngs(0)), {"_class_name": "DDPMScheduler"})
+    config = unet_config(config)
+    pipe = DiffusionPipeline(UNet2D(config, rngs=nnx.Rngs(0)), {"_class_name": "DDPMScheduler"})
     graphdef, state = nnx.split(pipe.unet)
-    latents = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
+    latents = jax.random.normal(jax.random.key(0), (batch, *image_shape(config)))
     key = jax.random.key(1)
     # the batch over every device, as DiffusionPipeline.__call__ (and sample.py) run it
     _, (state, plan, latents, _, _, _) = spread_over_devices(state, pipe.plan(sampler, steps), latents, None)
@@ -182,12 +258,12 @@ def flax_sample(sampler: str, steps: int, batch: int, compile_only: tuple = ()) 
             "peak_rss_mb": peak_rss_mb()}
 
 
-def torch_sample(sampler: str, steps: int, batch: int) -> dict:
+def torch_sample(sampler: str, steps: int, batch: int, config: dict | None = None) -> dict:
     import torch
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(**COURSE).eval()
+    unet = UNet2DModel(**unet_config(config)).eval()
     if sampler == "ddim":
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler())
     else:
@@ -207,20 +283,23 @@ WORKERS = {"flax_train": flax_train, "torch_train": torch_train, "flax_sample": 
 
 
 # --------------------------------------------------------------------------- the driver
-def run_worker(name: str, tuned: bool, per_core: bool = False, **kwargs) -> dict:
+def run_worker(name: str, tuned: bool, per_core: bool = False, extra_env: dict | None = None, **kwargs) -> dict:
     """One measurement in a fresh process. `tuned`: with glibc's huge-page malloc tunable, as
     flaxdiff's CLIs run; `per_core`: one CPU device per core, as sample.py runs (flaxdiff/host.py)."""
     from flaxdiff.host import TUNABLE, one_cpu_device_per_core
 
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAX_NUM_CPU_DEVICES")}
+    env.update(extra_env or {})
     if tuned:
         env["GLIBC_TUNABLES"] = TUNABLE
     if per_core:
         one_cpu_device_per_core(kwargs["batch"], env)
     command = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
     print(f"  running {name}{' (malloc tunable)' if tuned else ''} {kwargs} ...", file=sys.stderr, flush=True)
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    run = subprocess.run(command, capture_output=True, text=True, env=env)
+    if run.returncode:
+        sys.exit(f"{name} {kwargs} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def machine() -> str:

@@ -35,6 +35,13 @@ def varying_axes(x) -> frozenset:
     return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
 
 
+def leading_axis_sharded(x) -> bool:
+    """Whether x's first axis is sharded in its type (explicit sharding, jax.make_mesh's default
+    in jax 0.7+); False under automatic sharding and inside shard_map."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return bool(spec) and spec[0] is not None
+
+
 def set_mesh(mesh):
     """`with set_mesh(mesh):` the context mesh, on every supported JAX."""
     if hasattr(jax, "set_mesh"):

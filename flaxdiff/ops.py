@@ -16,10 +16,10 @@ gradients), and `unet.py` uses them for every forward and backward pass:
   XLA:CPU computes as an lhs-dilated convolution through a slow generic kernel; here the input
   gradient is that of the same convolution written as a stride-1 2x2 convolution over the
   space-to-depth input (a fast kernel).
-* `attention` (CPU only): softmax attention as batched matmuls in (B, heads, N, head_dim) layout
-  (faster than XLA:CPU's lowering of dot_product_attention for diffusers' 8-wide heads), whose
-  backward pass recomputes the attention probabilities from q, k and the saved log-sum-exp
-  instead of keeping them (as flash attention does, unblocked): less memory at the same speed.
+* `attention` (CPU only): softmax attention as batched matmuls over (sample, head) pairs, run in
+  chunks of pairs one after another (a loop) so that each chunk's scores stay in cache, as flash
+  attention blocks them; the output is normalised after the product with v, and the backward pass
+  recomputes the probabilities from q, k and the saved log-sum-exp instead of keeping them.
 
 TPUs and GPUs keep the plain formulations of the last three (their compilers handle them well).
 `benchmarks/bench_speed.py` measures the effect; docs/speed.md has the figures.
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from .backend import accelerator_paths
-from .compat import pcast_varying, varying_axes
+from .compat import leading_axis_sharded, pcast_varying, varying_axes
 
 # None: the CPU formulations unless the process takes the TPU/GPU paths (flaxdiff/backend.py).
 # Tests set True / False to check both paths.
@@ -242,8 +242,40 @@ _downsample_cpu.defvjp(_downsample_cpu_fwd, _downsample_cpu_bwd)
 
 
 # --------------------------------------------------------------------------- attention
-def _heads_first(a):  # (B, N, heads, d) <-> (B, heads, N, d)
-    return a.transpose(0, 2, 1, 3)
+# The scores of one chunk of (sample, head) pairs: small enough to stay in a core's cache while the
+# chunk's softmax and products run over them. Attention over 16x16 pixels with diffusers' 8-wide
+# heads is all memory traffic (its products are 8 deep), so passing over the whole batch's scores
+# once per operation is what made it slow on CPUs.
+_CHUNK_BYTES = 4 << 20
+
+
+def _chunk(pairs: int, tokens: int) -> int:
+    """The largest divisor of `pairs` whose scores (chunk x tokens x tokens float32) fit _CHUNK_BYTES."""
+    most = max(1, min(pairs, _CHUNK_BYTES // (tokens * tokens * 4)))
+    return max(c for c in range(1, most + 1) if pairs % c == 0)
+
+
+def _over_chunks(function, *arrays):
+    """function over the leading axis in chunks, one after another (a loop), so each chunk's
+    intermediates stay in cache; the results are concatenated. In one piece where that axis is
+    sharded in the arrays' types (a loop cannot run over a sharded axis)."""
+    pairs, tokens = arrays[0].shape[:2]
+    chunk = _chunk(pairs, tokens)
+    if chunk == pairs or leading_axis_sharded(arrays[0]):
+        return function(*arrays)
+    split = [a.reshape(pairs // chunk, chunk, *a.shape[1:]) for a in arrays]
+    results = jax.lax.map(lambda chunk_arrays: function(*chunk_arrays), tuple(split))
+    return jax.tree.map(lambda r: r.reshape(pairs, *r.shape[2:]), results)
+
+
+def _pairs(a):  # (B, N, heads, d) -> (B * heads, N, d)
+    b, n, heads, d = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(b * heads, n, d)
+
+
+def _unpairs(a, batch: int):  # (B * heads, N, d) -> (B, N, heads, d)
+    pairs, n, d = a.shape
+    return a.reshape(batch, pairs // batch, n, d).transpose(0, 2, 1, 3)
 
 
 def attention(q, k, v, scale: float):
@@ -256,32 +288,45 @@ def _attention(q, k, v, scale):
     return _attention_fwd(q, k, v, scale)[0]
 
 
-def _attention_fwd(q, k, v, scale):
-    qh, kh, vh = (_heads_first(a) for a in (q, k, v))
-    scores = jnp.matmul(qh * jnp.asarray(scale, q.dtype), kh.transpose(0, 1, 3, 2)).astype(jnp.float32)
+def _attention_chunk(q, k, v, scale):
+    """Forward over (pairs, N, d). The output is normalised after the product with v (N x d values
+    rather than N x N probabilities), which saves a pass over the scores."""
+    scores = jnp.einsum("pqd,pkd->pqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     unnormalised = jnp.exp(scores - peak)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    out = _heads_first(jnp.matmul((unnormalised / total).astype(v.dtype), vh))
-    return out, (q, k, v, out, peak + jnp.log(total))
+    out = jnp.einsum("pqk,pkd->pqd", unnormalised.astype(v.dtype), v).astype(jnp.float32) / total
+    return out.astype(v.dtype), peak + jnp.log(total)
+
+
+def _attention_fwd(q, k, v, scale):
+    qp, kp, vp = _pairs(q), _pairs(k), _pairs(v)
+    out, logsumexp = _over_chunks(lambda *a: _attention_chunk(*a, scale), qp, kp, vp)
+    return _unpairs(out, q.shape[0]), (qp, kp, vp, out, logsumexp)
+
+
+def _attention_chunk_bwd(q, k, v, out, logsumexp, d_out, scale):
+    """Flash attention's backward pass (Dao et al. 2022, sec. 3.1) over (pairs, N, d): the
+    probabilities are recomputed as exp(scores - logsumexp), keys first (rows are keys), so that
+    dv and dk contract over the contiguous axis."""
+    scale_ = jnp.asarray(scale, q.dtype)
+    probs_t = jnp.exp(jnp.einsum("pkd,pqd->pkq", k, q * scale_).astype(jnp.float32)
+                      - logsumexp.transpose(0, 2, 1))
+    dv = jnp.einsum("pkq,pqd->pkd", probs_t.astype(d_out.dtype), d_out)
+    rowdot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, None, :]
+    dprobs_t = jnp.einsum("pkd,pqd->pkq", v, d_out).astype(jnp.float32)
+    dscores_t = (probs_t * (dprobs_t - rowdot)).astype(q.dtype)
+    dq = jnp.einsum("pkq,pkd->pqd", dscores_t, k) * scale_
+    dk = jnp.einsum("pkq,pqd->pkd", dscores_t, q) * scale_
+    return dq, dk, dv
 
 
 def _attention_bwd(scale, residuals, d_out):
-    """Flash attention's backward pass (Dao et al. 2022, eq. in sec. 3.1), unblocked: the
-    probabilities are recomputed as exp(scores - logsumexp)."""
     q, k, v, out, logsumexp = residuals
-    qh, kh, vh, oh, doh = (_heads_first(a) for a in (_after(q, d_out), k, v, out, d_out))
-    scale_ = jnp.asarray(scale, q.dtype)
-    # k q^T transposed rather than q k^T: the same numbers, but not merged with the forward's product
-    scores = jnp.matmul(kh, (qh * scale_).transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
-    probs = jnp.exp(scores.astype(jnp.float32) - logsumexp)
-    dv = jnp.matmul(probs.transpose(0, 1, 3, 2).astype(d_out.dtype), doh)
-    dprobs = jnp.matmul(doh, vh.transpose(0, 1, 3, 2)).astype(jnp.float32)
-    rowdot = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)
-    dscores = (probs * (dprobs - rowdot)).astype(q.dtype)
-    dq = jnp.matmul(dscores, kh) * scale_
-    dk = jnp.matmul(dscores.transpose(0, 1, 3, 2), qh) * scale_
-    return _heads_first(dq), _heads_first(dk), _heads_first(dv)
+    d_pairs = _pairs(d_out)
+    grads = _over_chunks(lambda *a: _attention_chunk_bwd(*a, scale), _after(q, d_pairs), k, v, out, logsumexp,
+                         d_pairs)
+    return tuple(_unpairs(g, d_out.shape[0]) for g in grads)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
