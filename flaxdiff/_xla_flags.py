@@ -2,7 +2,10 @@
 
 On CPUs, XLA's own convolution kernels run at about half the speed of PyTorch's oneDNN ones;
 routing convolutions and matmuls through YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=dot`)
-closes that gap (docs/speed.md). The flag is set only where it helps and cannot hurt:
+closes that gap (docs/speed.md). With `dot` alone, XLA rewrites every large reduction (a bias
+gradient: a sum over batch and pixels) into a windowed reduction that runs ~35x slower than a
+plain one; adding `reduce` hands those to YNNPACK as well. The flag is set only where it helps and
+cannot hurt:
 
 * only for the CPU backend: not when a TPU/GPU will be JAX's backend (backend.py), nor with
   FLAXDIFF_ACCELERATOR_PATHS=1;
@@ -16,7 +19,8 @@ import os
 from . import backend
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
-YNN_SINCE = (0, 8, 1)  # the first jaxlib release whose XLA knows the flag
+YNN_SINCE = (0, 8, 1)  # the first jaxlib release whose XLA knows the flag (and both types below)
+YNN_TYPES = "dot,reduce"
 
 
 def version_tuple(version: str | None) -> tuple[int, ...] | None:
@@ -42,7 +46,7 @@ def cpu_flags(environ=None, jaxlib_version: str | None = None) -> list[str]:
     version = version_tuple(jaxlib_version if jaxlib_version is not None else backend.installed("jaxlib"))
     if version is None or version < YNN_SINCE:
         return []
-    return [f"{YNN}=dot"]
+    return [f"{YNN}={YNN_TYPES}"]
 
 
 def apply(environ=None) -> None:

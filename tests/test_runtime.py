@@ -40,12 +40,12 @@ def test_single_host_runtimes_stay_single_host(monkeypatch, environ, multi_host)
 
 
 @pytest.mark.parametrize("jaxlib, environ, expected", [
-    ("0.10.2", {}, ["--xla_cpu_experimental_ynn_fusion_type=dot"]),
-    ("0.8.1", {}, ["--xla_cpu_experimental_ynn_fusion_type=dot"]),
+    ("0.10.2", {}, ["--xla_cpu_experimental_ynn_fusion_type=dot,reduce"]),
+    ("0.8.1", {}, ["--xla_cpu_experimental_ynn_fusion_type=dot,reduce"]),
     ("0.8.0", {}, []),  # XLA would abort on a flag it does not know
     ("0.6.2", {}, []),
     ("0.10.2", {"JAX_PLATFORMS": "tpu"}, []),  # not the CPU backend
-    ("0.10.2", {"JAX_PLATFORMS": "cpu"}, ["--xla_cpu_experimental_ynn_fusion_type=dot"]),
+    ("0.10.2", {"JAX_PLATFORMS": "cpu"}, ["--xla_cpu_experimental_ynn_fusion_type=dot,reduce"]),
     ("0.10.2", {backend.SWITCH: "1"}, []),
     ("0.10.2", {"FLAXDIFF_XLA_CPU_YNN": "0"}, []),
     ("0.10.2", {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}, []),  # the user's choice stands
