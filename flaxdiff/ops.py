@@ -316,7 +316,11 @@ def _attention_chunk_bwd(q, k, v, out, logsumexp, d_out, scale):
     rowdot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, None, :]
     dprobs_t = jnp.einsum("pkd,pqd->pkq", v, d_out).astype(jnp.float32)
     dscores_t = (probs_t * (dprobs_t - rowdot)).astype(q.dtype)
-    dq = jnp.einsum("pkq,pkd->pqd", dscores_t, k) * scale_
+    # dq contracts over keys, the rows here: from the keys-first layout XLA:CPU runs it as a slow
+    # generic product; transposed once in cache (the barrier keeps XLA from folding the transpose
+    # back into the product) it is a plain one
+    dscores = jax.lax.optimization_barrier(dscores_t.transpose(0, 2, 1))
+    dq = jnp.einsum("pqk,pkd->pqd", dscores, k) * scale_
     dk = jnp.einsum("pkq,pqd->pkd", dscores_t, q) * scale_
     return dq, dk, dv
 
