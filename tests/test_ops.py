@@ -163,7 +163,7 @@ def chunked(request, monkeypatch):
     """The CPU attention in one piece, or forced into chunks of 2 (sample, head) pairs (a loop): the
     path that attention over many tokens takes."""
     if request.param:
-        monkeypatch.setattr(ops, "_chunk", lambda pairs, tokens: 2 if pairs % 2 == 0 else 1)
+        monkeypatch.setattr(ops, "_chunk", lambda pairs, tokens, chunk_bytes: 2 if pairs % 2 == 0 else 1)
     return request.param
 
 
