@@ -18,8 +18,9 @@ gradients), and `unet.py` uses them for every forward and backward pass:
   space-to-depth input (a fast kernel).
 * `attention` (CPU only): softmax attention as batched matmuls over (sample, head) pairs, the output
   normalised after the product with v; the backward pass recomputes the probabilities from q, k
-  and the saved log-sum-exp instead of keeping them, in chunks of pairs one after another (a loop)
-  so that each chunk's scores stay in cache, as flash attention blocks them.
+  and the saved log-sum-exp instead of keeping them. Under a gradient both passes run in chunks of
+  pairs one after another (a loop), so that each chunk's scores stay in cache, as flash attention
+  blocks them; sampling runs in one piece.
 
 TPUs and GPUs keep the plain formulations of the last three (their compilers handle them well).
 `benchmarks/bench_speed.py` measures the effect; docs/speed.md has the figures.
@@ -242,14 +243,13 @@ _downsample_cpu.defvjp(_downsample_cpu_fwd, _downsample_cpu_bwd)
 
 
 # --------------------------------------------------------------------------- attention
-# The scores of one chunk of (sample, head) pairs in the backward pass: small enough to stay in a
-# core's cache while the chunk's softmax and products run over them. Attention over 16x16 pixels
-# with diffusers' 8-wide heads is all memory traffic (its products are 8 deep), and the backward
-# pass makes several passes over the scores. The forward pass makes fewer and runs fastest in one
-# piece (sampling 27% faster than in cache-sized chunks); its chunks only bound the memory of the
-# scores when there are many tokens (attention at 32x32 pixels or more).
-_BACKWARD_CHUNK_BYTES = 4 << 20
-_FORWARD_CHUNK_BYTES = 64 << 20
+# How many (sample, head) pairs' scores one chunk holds, run one chunk after another (a loop).
+# Attention over 16x16 pixels with diffusers' 8-wide heads is all memory traffic (its products are
+# 8 deep), so training, which passes over the scores several times, runs fastest when a chunk's
+# scores stay in a core's cache. Sampling (no backward pass) runs fastest in one piece; its chunks
+# only bound the scores' memory when there are many tokens. (Measurements: docs/speed.md.)
+_TRAINING_CHUNK_BYTES = 4 << 20
+_SAMPLING_CHUNK_BYTES = 64 << 20
 
 
 def _chunk(pairs: int, tokens: int, chunk_bytes: int) -> int:
@@ -288,7 +288,8 @@ def attention(q, k, v, scale: float):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q, k, v, scale):
-    return _attention_fwd(q, k, v, scale)[0]
+    """Without a gradient (sampling): large chunks."""
+    return _attention_forward(q, k, v, scale, _SAMPLING_CHUNK_BYTES)[0]
 
 
 def _attention_chunk(q, k, v, scale):
@@ -302,10 +303,15 @@ def _attention_chunk(q, k, v, scale):
     return out.astype(v.dtype), peak + jnp.log(total)
 
 
-def _attention_fwd(q, k, v, scale):
+def _attention_forward(q, k, v, scale, chunk_bytes: int):
     qp, kp, vp = _pairs(q), _pairs(k), _pairs(v)
-    out, logsumexp = _over_chunks(lambda *a: _attention_chunk(*a, scale), _FORWARD_CHUNK_BYTES, qp, kp, vp)
+    out, logsumexp = _over_chunks(lambda *a: _attention_chunk(*a, scale), chunk_bytes, qp, kp, vp)
     return _unpairs(out, q.shape[0]), (qp, kp, vp, out, logsumexp)
+
+
+def _attention_fwd(q, k, v, scale):
+    """The forward pass of training (under a gradient): cache-sized chunks."""
+    return _attention_forward(q, k, v, scale, _TRAINING_CHUNK_BYTES)
 
 
 def _attention_chunk_bwd(q, k, v, out, logsumexp, d_out, scale):
@@ -331,7 +337,7 @@ def _attention_chunk_bwd(q, k, v, out, logsumexp, d_out, scale):
 def _attention_bwd(scale, residuals, d_out):
     q, k, v, out, logsumexp = residuals
     d_pairs = _pairs(d_out)
-    grads = _over_chunks(lambda *a: _attention_chunk_bwd(*a, scale), _BACKWARD_CHUNK_BYTES,
+    grads = _over_chunks(lambda *a: _attention_chunk_bwd(*a, scale), _TRAINING_CHUNK_BYTES,
                          _after(q, d_pairs), k, v, out, logsumexp, d_pairs)
     return tuple(_unpairs(g, d_out.shape[0]) for g in grads)
 
