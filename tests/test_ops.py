@@ -158,21 +158,21 @@ def test_downsample_conv_values_and_gradients(kernels, padding, shape):
         assert relative_error(g, r) < 2e-6, name
 
 
-@pytest.fixture(params=[False, True], ids=["whole", "in-chunks"])
-def chunked(request, monkeypatch):
-    """The CPU attention in one piece, or forced into chunks of 2 (sample, head) pairs (a loop): the
-    path that attention over many tokens takes."""
-    if request.param:
+@pytest.fixture(params=["plain", "cpu-whole", "cpu-in-chunks"])
+def attention_path(request, monkeypatch):
+    """The attention as TPUs/GPUs run it (plain), or the CPU attention in one piece, or forced into
+    chunks of 2 (sample, head) pairs (a loop: the path attention over many tokens takes). Returns
+    whether the CPU kernels are on."""
+    monkeypatch.setattr(ops, "CPU_KERNELS", request.param != "plain")
+    if request.param == "cpu-in-chunks":
         monkeypatch.setattr(ops, "_chunk", lambda pairs, tokens, chunk_bytes: 2 if pairs % 2 == 0 else 1)
-    return request.param
+    return request.param != "plain"
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 4, 8), (1, 9, 2, 16), (3, 5, 1, 4)])  # (B, N, heads, head_dim)
-def test_attention_values_and_gradients(kernels, chunked, shape):
+def test_attention_values_and_gradients(attention_path, shape):
     """The UNet's attention core (ops.attention on CPUs, jax.nn.dot_product_attention otherwise)
     against softmax(q k^T * scale) v in float64; the CPU backward pass recomputes the probabilities."""
-    if chunked and not kernels:
-        pytest.skip("chunks are the CPU path's")
     from flaxdiff.unet import _attention
     rng = np.random.default_rng(5)
     q, k, v, weights = (rng.standard_normal(shape) for _ in range(4))
@@ -196,12 +196,11 @@ def test_attention_values_and_gradients(kernels, chunked, shape):
 
 @pytest.mark.skipif(not hasattr(jax, "set_mesh"), reason="explicit sharding before jax 0.7 fails inside JAX "
                     "('Mesh of both lhs and rhs should match'); jax 0.7+ makes it the default of jax.make_mesh")
-def test_unet_gradients_with_explicit_sharding(kernels, chunked):
+def test_unet_gradients_with_explicit_sharding(attention_path):
     """`jax.make_mesh` gives Explicit axes by default, so a user's own jitted step (notebook 1
     writes one) traces the UNet with the batch's sharding in its types: every layer, forward and
     backward, must be expressible there, and give the same loss and gradients as one device."""
-    if chunked and not kernels:
-        pytest.skip("chunks are the CPU path's")
+    kernels = attention_path
     padding = 1 if kernels else 0  # both Downsample2D paddings, one per kernel path
     from flax import nnx
     from jax.sharding import AxisType, NamedSharding
