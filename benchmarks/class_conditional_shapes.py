@@ -1,11 +1,11 @@
-"""Does class conditioning work? Train on the built-in shapes with their kinds as labels (train.py's
-default budget, --class_conditional), sample each kind, and let a classifier trained on real
+"""Does class conditioning work? Train on the built-in shapes with their kinds as labels (`train.py
+--class_conditional` with its defaults), sample each kind, and let a classifier trained on real
 shapes say which kind each sample shows: per-kind accuracy at guidance 0 (the null class, no
 class information), 1 (plain conditional) and 3.
 
-    python benchmarks/class_conditional_shapes.py          # ~8 minutes on 2 CPU cores
+    python benchmarks/class_conditional_shapes.py          # ~14 minutes on 2 CPU cores
     python benchmarks/class_conditional_shapes.py --evaluate_only   # score the trained model again
-    python benchmarks/class_conditional_shapes.py --name batch32 -- --train_batch_size 32 --num_epochs 40
+    python benchmarks/class_conditional_shapes.py --name batch8_epochs10 -- --train_batch_size 8 --num_epochs 10
                                           # another budget or recipe: any train.py flags after --
 
 Results: a markdown table on stdout, benchmarks/results/class_conditional_shapes.json (one entry
@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--num_inference_steps", type=int, default=100, help="DDPM steps (train.py's grids)")
     parser.add_argument("--evaluate_only", action="store_true")
     parser.add_argument("--name", default="default", help="the run's name in the results file and work folder "
-                        "(default: train.py's default budget)")
+                        "(default: 'default', train.py --class_conditional's defaults)")
     parser.add_argument("train_flags", nargs="*", help="after --: train.py flags for this run")
     args = parser.parse_args()
     from flaxdiff import DiffusionPipeline

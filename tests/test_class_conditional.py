@@ -166,3 +166,20 @@ def test_conditional_checkpoint_is_not_resumed_as_unconditional(capsys, conditio
     shutil.copytree(conditional_run[0], out)
     message = cli_error(capsys, flags(micro_config, out, "--resume_from_checkpoint", "latest", steps=8))
     assert "is of a class-conditional run and this run is not: resume with --class_conditional" in message
+
+
+def test_conditional_demo_defaults_are_four_times_the_images(tmp_path):
+    """--class_conditional on the built-in shapes defaults to batch 32 for 40 epochs (the budget at
+    which the model follows its labels, docs/conditional.md); the unconditional demo, real datasets
+    and the user's own flags keep theirs."""
+    from flaxdiff.training import TrainOptions
+    from flaxdiff.training.options import resolve_options
+
+    def budget(**kwargs):
+        opts = resolve_options(TrainOptions(output_dir=str(tmp_path / "o"), **kwargs))
+        return opts.train_batch_size, opts.num_epochs
+
+    assert budget(class_conditional=True) == (32, 40)
+    assert budget() == (8, 10)
+    assert budget(class_conditional=True, dataset=str(tmp_path)) == (16, 100)  # diffusers' defaults
+    assert budget(class_conditional=True, train_batch_size=8) == (8, 40)
