@@ -27,6 +27,7 @@ from pathlib import Path
 from flaxdiff.choices import SAMPLER_NAMES
 from flaxdiff.cli import report_errors
 from flaxdiff.host import one_cpu_device_per_core
+from flaxdiff.hub import local_unet_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
 
     def body() -> int:
         check_args(args)
-        one_cpu_device_per_core(args.batch_size)  # before JAX starts (flaxdiff/host.py)
+        # before JAX starts (flaxdiff/host.py); large UNets keep one device
+        one_cpu_device_per_core(args.batch_size, unet_config=local_unet_config(args.model))
         return run(args)
 
     return report_errors(body)

@@ -13,7 +13,7 @@ The cells vary one axis at a time around `small` (the issue's 1.6 M-parameter UN
 (32, 64, 64), 2 layers per block, attention at 16x16 with head dim 8, 8 norm groups, 32 px, training
 batch 64), then the course UNet and train_unconditional's `ddpm` preset. Each measurement is a fresh
 subprocess of bench_speed.py's workers (so each peak RSS is the job's own), flaxdiff as train.py and
-sample.py run it (malloc tunable; sampling on one CPU device per core), diffusers as
+sample.py run it (malloc tunable; sampling on the CPU devices sample.py picks), diffusers as
 train_unconditional.py and DDPMPipeline run it. The persistent compilation cache keeps JAX's
 compiles out of later rounds; compile time is not part of any figure here (bench_speed.py reports it).
 
@@ -143,44 +143,63 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_cell_arguments(parser: argparse.ArgumentParser, cells: list[str], results: Path, default_rounds: int):
+    """The flags every cell benchmark shares, parsed; returns (args, the chosen cell names)."""
+    parser.add_argument("--cells", default=",".join(cells), help=f"comma-separated cells (default: all): "
+                        f"{', '.join(cells)}")
+    parser.add_argument("--rounds", type=int, default=default_rounds,
+                        help=f"alternating rounds per cell (default: {default_rounds})")
+    parser.add_argument("--force", action="store_true", help="measure cells already in the results file again")
+    parser.add_argument("--output", default=str(results), help=f"results file (default: {results})")
+    parser.add_argument("--table_only", action="store_true", help="print the table of the results file and exit")
+    args = parser.parse_args()
+    names = args.cells.split(",")
+    unknown = [n for n in names if n not in cells]
+    if unknown:
+        parser.error(f"unknown cells {unknown}; choose from {', '.join(cells)}")
+    return args, names
+
+
+def measure_cells(output: Path, names: list[str], measure, label, summary_line, force: bool = False,
+                  table_only: bool = False, **header) -> dict:
+    """The results file's cells, after measuring those of `names` it lacks (all with `force`):
+    measure(name, cache_dir) -> the cell's dict, written to `output` after each cell (so an
+    interrupted run resumes), sharing one persistent compilation cache."""
+    results = json.loads(output.read_text()) if output.exists() else {}
+    results.setdefault("cells", {})
+    if table_only:
+        return results
+    results.update(machine=machine(), **header)
+    with tempfile.TemporaryDirectory(prefix="flaxdiff-bench-cache-") as cache_dir:
+        for name in names:
+            if name in results["cells"] and not force:
+                continue
+            print(f"{name}: {label(name)}", file=sys.stderr, flush=True)
+            results["cells"][name] = measure(name, cache_dir)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(results, indent=1) + "\n")
+            print(f"  {summary_line(results['cells'][name])}", file=sys.stderr, flush=True)
+    return results
+
+
+def summary_line(cell: dict) -> str:
+    return f"training {cell['train_ratio']['median']:.2f}x, sampling {cell['sample_ratio']['median']:.2f}x"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated cell names (default: all; "
-                        "--list shows them)")
     parser.add_argument("--list", action="store_true", help="print the cells and their UNet configs, then exit")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell (default: 3)")
     parser.add_argument("--train_steps", type=int, default=4, help="timed training steps per round, after one "
                         "warm-up step (default: 4)")
     parser.add_argument("--sample_steps", type=int, default=25, help="DDPM steps per sampling round (default: 25)")
     parser.add_argument("--sample_batch", type=int, default=16, help="sampling batch (default: 16)")
-    parser.add_argument("--force", action="store_true", help="measure cells already in the results file again")
-    parser.add_argument("--output", default=str(RESULTS), help=f"results file (default: {RESULTS})")
-    parser.add_argument("--table_only", action="store_true", help="print the table of the results file and exit")
-    args = parser.parse_args()
-    names = args.cells.split(",")
-    unknown = [n for n in names if n not in CELLS]
-    if unknown:
-        parser.error(f"unknown cells {unknown}; choose from {', '.join(CELLS)}")
+    args, names = parse_cell_arguments(parser, list(CELLS), RESULTS, default_rounds=3)
     if args.list:
         for name in names:
             print(f"{name}: {describe(cell_axes(name))}\n  {json.dumps(unet_config(cell_axes(name)))}")
         return 0
-    output = Path(args.output)
-    results = json.loads(output.read_text()) if output.exists() else {}
-    results.setdefault("cells", {})
-    if not args.table_only:
-        results["machine"] = machine()
-        with tempfile.TemporaryDirectory(prefix="flaxdiff-matrix-cache-") as cache_dir:
-            for name in names:
-                if name in results["cells"] and not args.force:
-                    continue
-                print(f"{name}: {describe(cell_axes(name))}", file=sys.stderr, flush=True)
-                results["cells"][name] = measure_cell(name, args, cache_dir)
-                output.parent.mkdir(parents=True, exist_ok=True)
-                output.write_text(json.dumps(results, indent=1) + "\n")
-                c = results["cells"][name]
-                print(f"  training {c['train_ratio']['median']:.2f}x, sampling {c['sample_ratio']['median']:.2f}x",
-                      file=sys.stderr, flush=True)
+    results = measure_cells(Path(args.output), names, lambda name, cache: measure_cell(name, args, cache),
+                            lambda name: describe(cell_axes(name)), summary_line, args.force, args.table_only)
     print(f"Machine: {results.get('machine')}.\n")
     print(table(results))
     return 0

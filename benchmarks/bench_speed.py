@@ -15,8 +15,8 @@ the two frameworks take turns for --rounds rounds; the table gives the median of
 machine's speed varies by several percent from one minute to the next). Both sides use the same
 UNet config, batch and float32 weights; torch with its default threads, JAX on its default
 backend. flaxdiff runs as train.py and sample.py run it: with glibc's huge-page malloc tunable,
-which they set for themselves, and for sampling with one JAX CPU device per core, as sample.py
-does (flaxdiff/host.py); diffusers runs as `python train_unconditional.py` does,
+which they set for themselves, and for sampling with the JAX CPU devices sample.py picks (one
+per core for small and mid-sized UNets, flaxdiff/host.py); diffusers runs as `python train_unconditional.py` does,
 without it, and once more with it, so its effect on torch is in the table too. Compile time is
 reported apart from steady-state speed. Results go to stdout (a markdown table) and
 benchmarks/results/speed.json.
@@ -285,7 +285,7 @@ WORKERS = {"flax_train": flax_train, "torch_train": torch_train, "flax_sample": 
 # --------------------------------------------------------------------------- the driver
 def run_worker(name: str, tuned: bool, per_core: bool = False, extra_env: dict | None = None, **kwargs) -> dict:
     """One measurement in a fresh process. `tuned`: with glibc's huge-page malloc tunable, as
-    flaxdiff's CLIs run; `per_core`: one CPU device per core, as sample.py runs (flaxdiff/host.py)."""
+    flaxdiff's CLIs run; `per_core`: one CPU device per core where sample.py's rule gives it (flaxdiff/host.py)."""
     from flaxdiff.host import TUNABLE, one_cpu_device_per_core
 
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAX_NUM_CPU_DEVICES")}
@@ -293,7 +293,7 @@ def run_worker(name: str, tuned: bool, per_core: bool = False, extra_env: dict |
     if tuned:
         env["GLIBC_TUNABLES"] = TUNABLE
     if per_core:
-        one_cpu_device_per_core(kwargs["batch"], env)
+        one_cpu_device_per_core(kwargs["batch"], env, unet_config=kwargs.get("config"))
     command = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
     print(f"  running {name}{' (malloc tunable)' if tuned else ''} {kwargs} ...", file=sys.stderr, flush=True)
     run = subprocess.run(command, capture_output=True, text=True, env=env)

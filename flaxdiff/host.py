@@ -98,13 +98,37 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def one_cpu_device_per_core(batch_size: int, environ=None) -> int | None:
+# Above this many multiply-adds per device and UNet evaluation (the UNet's estimated convolution
+# work per image, unet_macs_per_image, times the images each device samples), or above this many
+# images per device, one device per core is no faster than one device: each operation is then
+# large enough for XLA:CPU to split well over the cores, and each per-core device streams its own
+# copy of the weights (benchmarks/sampling_devices.py measures the crossover; docs/speed.md).
+PER_CORE_MAX_MACS = 16e9
+PER_CORE_MAX_IMAGES = 16
+
+
+def unet_macs_per_image(unet_config: dict) -> float:
+    """A UNet2DModel's 3x3-convolution multiply-adds for one image, estimated from its config: per
+    level l (1/2**l of sample_size, block_out_channels[l] channels C), the resnets of the down
+    (layers_per_block) and up (layers_per_block + 1) paths, two convolutions each, taken as C to C.
+    Attention, the mid block and the channel changes are left out: an estimate for choosing the
+    device count, within ~2x of the true count."""
+    size = unet_config.get("sample_size", 32)
+    height, width = (size, size) if isinstance(size, int) else size
+    layers = unet_config.get("layers_per_block", 2)
+    return sum((height >> level) * (width >> level) * 9 * channels**2 * (4 * layers + 2)
+               for level, channels in enumerate(unet_config.get("block_out_channels", (64,))))
+
+
+def one_cpu_device_per_core(batch_size: int, environ=None, unet_config: dict | None = None) -> int | None:
     """Before JAX starts: make each CPU core its own JAX device for sampling (JAX_NUM_CPU_DEVICES).
 
     XLA:CPU splits each operation of one device over the cores, which the small batches of
     sampling amortise badly; a single-core device per core, each with its share of the batch, is
-    faster (docs/speed.md). The count is the largest divisor of batch_size up to the core count, so
-    every device gets the same share. Nothing changes when the user already chose
+    faster for small and mid-sized UNets (docs/speed.md). The count is the largest divisor of
+    batch_size up to the core count, so every device gets the same share. With `unet_config`
+    (the model's diffusers config), large UNets keep one device when each device's share would
+    exceed PER_CORE_MAX_MACS; so do large batches (more than PER_CORE_MAX_IMAGES per device). Nothing changes when the user already chose
     (JAX_NUM_CPU_DEVICES, or XLA_FLAGS' --xla_force_host_platform_device_count), and TPUs and GPUs
     are not affected. Returns the count set, or None. (Training keeps one device: its large
     batches gain nothing from the split.)
@@ -115,6 +139,10 @@ def one_cpu_device_per_core(batch_size: int, environ=None) -> int | None:
     if backend.accelerator_expected(environ):
         return None
     count = max(d for d in range(1, min(cpu_cores(), batch_size) + 1) if batch_size % d == 0)
+    if batch_size / count > PER_CORE_MAX_IMAGES:
+        return None
+    if unet_config is not None and unet_macs_per_image(unet_config) * batch_size / count > PER_CORE_MAX_MACS:
+        return None
     if count > 1:
         environ["JAX_NUM_CPU_DEVICES"] = str(count)
         return count

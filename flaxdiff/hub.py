@@ -42,6 +42,29 @@ def resolve_pipeline_folder(path: str | os.PathLike) -> Path:
                          "folder.") from error
 
 
+def local_unet_config(path: str | os.PathLike) -> dict | None:
+    """The UNet's diffusers config of a local model without loading it (or JAX): a pipeline folder's
+    unet/config.json, or the train_config.json of a train.py output_dir (or of the run a checkpoint
+    folder belongs to). None when there is none to read (a Hub id, an unreadable file)."""
+    import json
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    candidates = [(folder / "unet" / "config.json", None), (folder / "train_config.json", "unet")]
+    if folder.parent.name == "checkpoints":  # output_dir/checkpoints/<step>
+        candidates.append((folder.parent.parent / "train_config.json", "unet"))
+    for file, key in candidates:
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        config = config.get(key) if key else config
+        if isinstance(config, dict) and "block_out_channels" in config:
+            return config
+    return None
+
+
 def default_repo_name(output_dir: str | Path) -> str:
     """diffusers' default --hub_model_id: the output folder's name."""
     return Path(output_dir).expanduser().resolve().name
