@@ -53,7 +53,9 @@ def size_configs(folder: Path, channels: int) -> dict[str, Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(SWEEPS), help="which sweeps (default: mnist,openmoji)")
-    parser.add_argument("--work_dir", default="/tmp/flaxdiff-recipes", help="where the runs go")
+    parser.add_argument("--work_dir", default=str(HERE / "results" / "recipe_runs"),
+                        help="where the runs go (default: benchmarks/results/recipe_runs, ignored by git; kept "
+                        "across restarts, so an interrupted sweep resumes)")
     parser.add_argument("--images_seen", type=int, default=12_800, help="images each recipe sees (default: 12,800)")
     args = parser.parse_args()
     from flaxdiff import recipes
