@@ -317,3 +317,18 @@ def test_docs_flag_table_is_the_options():
     from flaxdiff.training.options import markdown_flag_table
     page = (Path(ROOT) / "docs" / "training.md").read_text()
     assert markdown_flag_table() in page, "regenerate the tables of docs/training.md from markdown_flag_table()"
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about():
+    """diffusers' default 500 warmup steps on a 400-step run: the learning rate never peaks."""
+    from flaxdiff.training import TrainOptions
+    from flaxdiff.training.setup import warmup_warning
+
+    warning = warmup_warning(TrainOptions(lr_warmup_steps=500, learning_rate=1e-4), total_steps=400)
+    assert warning.startswith("warning: --lr_warmup_steps 500") and "--lr_warmup_steps 40" in warning
+    assert warmup_warning(TrainOptions(lr_warmup_steps=40), total_steps=400) is None
+    assert warmup_warning(TrainOptions(lr_warmup_steps=500, lr_scheduler="constant"), total_steps=400) is None
+
+
+def test_finished_run_has_no_warmup_warning(finished_run):
+    assert "warning: --lr_warmup_steps" not in finished_run[1]

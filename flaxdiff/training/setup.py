@@ -173,6 +173,9 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
     say(f"{total_steps} optimizer steps ({math.ceil(total_steps / order.steps_per_epoch)} epochs of "
         f"{order.steps_per_epoch}), global batch {opts.train_batch_size} x {opts.gradient_accumulation_steps} "
         f"accumulation -> {out}")
+    warning = warmup_warning(opts, total_steps)
+    if warning:
+        say(warning)
     if validation is not None:
         say(f"validation: {len(validation.images)} images ({validation.source}), {opts.validation_num_timesteps} "
             "timesteps each, " + (f"every {opts.validation_steps} steps" if opts.validation_steps else
@@ -180,3 +183,13 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
     logger = make_logger(opts, out, is_main)
     return Run(opts, record, out, is_main, say, mesh, model, feed, train_step, state, start_step, grid_plan, metrics,
                logger, validation)
+
+
+def warmup_warning(opts: TrainOptions, total_steps: int) -> str | None:
+    """A warning when the warmup is not shorter than the run: the learning rate would still be rising
+    at the last step (diffusers' default 500 warmup steps against a short run)."""
+    if opts.lr_scheduler == "constant" or opts.lr_warmup_steps < total_steps:
+        return None
+    return (f"warning: --lr_warmup_steps {opts.lr_warmup_steps} is not shorter than the run's {total_steps} steps: "
+            f"the learning rate never reaches --learning_rate {opts.learning_rate:g} and never decays; a warmup of "
+            f"about a tenth of the run is usual (--lr_warmup_steps {max(1, total_steps // 10)})")
