@@ -39,12 +39,12 @@ def axes_of(name: str) -> dict:
 
 
 def measure(name: str, args, cache_dir: str) -> dict:
-    from flaxdiff.host import cpu_cores
+    from flaxdiff.host import cpu_cores, cpu_devices_for
 
     config = unet_config(axes_of(name))
     sample = dict(sampler="ddpm", steps=args.steps, batch=args.batch, config=config)
     cache = {"JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    per_core = max(d for d in range(1, min(cpu_cores(), args.batch) + 1) if args.batch % d == 0)
+    per_core = cpu_devices_for(args.batch)
     devices = {"one_device": 1, "per_core": per_core}
     rounds = {mode: [] for mode in devices}
     for _ in range(args.rounds):

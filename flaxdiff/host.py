@@ -120,6 +120,12 @@ def unet_macs_per_image(unet_config: dict) -> float:
                for level, channels in enumerate(unet_config.get("block_out_channels", (64,))))
 
 
+def cpu_devices_for(batch_size: int) -> int:
+    """The per-core device count for a batch: its largest divisor up to the core count, so every
+    device gets the same share."""
+    return max(d for d in range(1, min(cpu_cores(), batch_size) + 1) if batch_size % d == 0)
+
+
 def one_cpu_device_per_core(batch_size: int, environ=None, unet_config: dict | None = None) -> int | None:
     """Before JAX starts: make each CPU core its own JAX device for sampling (JAX_NUM_CPU_DEVICES).
 
@@ -128,9 +134,9 @@ def one_cpu_device_per_core(batch_size: int, environ=None, unet_config: dict | N
     faster for small and mid-sized UNets (docs/speed.md). The count is the largest divisor of
     batch_size up to the core count, so every device gets the same share. With `unet_config`
     (the model's diffusers config), large UNets keep one device when each device's share would
-    exceed PER_CORE_MAX_MACS; so do large batches (more than PER_CORE_MAX_IMAGES per device). Nothing changes when the user already chose
-    (JAX_NUM_CPU_DEVICES, or XLA_FLAGS' --xla_force_host_platform_device_count), and TPUs and GPUs
-    are not affected. Returns the count set, or None. (Training keeps one device: its large
+    exceed PER_CORE_MAX_MACS; so do large batches (more than PER_CORE_MAX_IMAGES per device).
+    Nothing changes when the user already chose (JAX_NUM_CPU_DEVICES, or XLA_FLAGS'
+    --xla_force_host_platform_device_count), and TPUs and GPUs are not affected. Returns the count set, or None. (Training keeps one device: its large
     batches gain nothing from the split.)
     """
     environ = os.environ if environ is None else environ
@@ -138,7 +144,7 @@ def one_cpu_device_per_core(batch_size: int, environ=None, unet_config: dict | N
         return None
     if backend.accelerator_expected(environ):
         return None
-    count = max(d for d in range(1, min(cpu_cores(), batch_size) + 1) if batch_size % d == 0)
+    count = cpu_devices_for(batch_size)
     if batch_size / count > PER_CORE_MAX_IMAGES:
         return None
     if unet_config is not None and unet_macs_per_image(unet_config) * batch_size / count > PER_CORE_MAX_MACS:
