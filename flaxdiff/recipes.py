@@ -6,11 +6,12 @@
 Every combination of the `--grid` values is a recipe; each trains with train.py's code on the same
 data for the same number of images seen (equal compute), scoring held-out bits/dim of its EMA and
 training weights several times along the way (--validation_split, the same images and draws for
-every recipe, so their values compare). Flags after `--` go to every run. Each recipe is a normal
-train.py output folder under --output_dir; an interrupted sweep continues where it stopped
-(finished recipes are kept, an interrupted one resumes from its last checkpoint). At the end:
-results.md and results.json (one row per recipe: final held-out bits/dim, images seen, FLOPs,
-time) and bpd_vs_images.png (held-out bits/dim against images seen, one line per recipe).
+every recipe, so their values compare). A recipe that sets no --lr_warmup_steps warms up for
+train.py's default or a tenth of its steps, whichever is fewer. Flags after `--` go to every run.
+Each recipe is a normal train.py output folder under --output_dir; an interrupted sweep continues
+where it stopped (finished recipes are kept, an interrupted one resumes from its last checkpoint).
+At the end: results.md and results.json (one row per recipe: final held-out bits/dim, images seen,
+FLOPs, time) and bpd_vs_images.png (held-out bits/dim against images seen, one line per recipe).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def recipes(grid: dict[str, list[str]], base_args: list[str], output_dir: Path, 
         resolved = resolve_options(opts)
         step_images = resolved.train_batch_size * resolved.gradient_accumulation_steps
         opts.max_train_steps = max(1, images_seen // step_images)
+        if opts.lr_warmup_steps is None:
+            opts.lr_warmup_steps = sweep_warmup(resolved.lr_warmup_steps, opts.max_train_steps)
         if opts.validation_split is None:
             if resolved.dataset != BUILTIN:
                 raise ValueError("recipes are compared on held-out images: pass -- --validation_split (a split of "
@@ -91,6 +94,14 @@ def recipes(grid: dict[str, list[str]], base_args: list[str], output_dir: Path, 
         raise ValueError(f"two recipes would share a run folder ({', '.join(sorted(set(n for n in names if names.count(n) > 1)))}): "
                          "give the --grid values distinct last path parts")
     return out
+
+
+def sweep_warmup(default: int, steps: int) -> int:
+    """The warmup of a recipe that does not set one: train.py's default, but at most a tenth of the
+    run. Sweeps are short, and diffusers' 500 warmup steps against a 400-step run would leave the
+    learning rate rising to the end; a tenth of each run's steps is the same share of the images
+    for every batch size, so recipes still compare at equal compute."""
+    return min(default, max(1, steps // 10))
 
 
 def finished(recipe: Recipe) -> bool:

@@ -63,3 +63,17 @@ def test_path_values_name_their_folder_by_the_last_part(tmp_path, capsys):
     clash = f"model_config_name_or_path={tmp_path / 'a' / 'small'},{tmp_path / 'b' / 'small'}"
     assert recipes.main(["--output_dir", str(tmp_path / "s"), "--images_seen", "64", "--grid", clash]) == 2
     assert "two recipes would share a run folder (model_config_name_or_path=small)" in capsys.readouterr().err
+
+
+def test_a_recipe_without_a_warmup_warms_up_for_a_tenth_of_its_run(tmp_path):
+    """diffusers' default warmup (500 steps) is longer than a short sweep's runs: a recipe that sets
+    none warms up for a tenth of its steps, which is the same share of images at every batch size;
+    a long run keeps the default, and a warmup the user gives is kept as given."""
+    grid = recipes.parse_grid(["train_batch_size=8,32"])
+    base = ["--dataset", str(tmp_path), "--validation_split", "0.1"]
+    short = recipes.recipes(grid, base, tmp_path / "sweep", 3200, 2)
+    assert [(r.options.max_train_steps, r.options.lr_warmup_steps) for r in short] == [(400, 40), (100, 10)]
+    long = recipes.recipes(grid, base, tmp_path / "sweep", 320_000, 2)
+    assert [r.options.lr_warmup_steps for r in long] == [500, 500]
+    given = recipes.recipes(grid, [*base, "--lr_warmup_steps", "7"], tmp_path / "sweep", 3200, 2)
+    assert [r.options.lr_warmup_steps for r in given] == [7, 7]
