@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The RunRecord a train.py output_dir keeps (training/run_folder.py), named here because sample.py
+# reads the UNet's config from it before JAX starts, and this module imports no JAX.
+RUN_RECORD_FILE = "train_config.json"
 UPLOADED = ("model_index.json", "unet/*", "scheduler/*", "README.md", "samples.png", "loss_curve.png",
-            "train_config.json")
+            RUN_RECORD_FILE)
 
 
 MODEL_INDEX = "model_index.json"
@@ -51,9 +54,9 @@ def local_unet_config(path: str | os.PathLike) -> dict | None:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         return None
-    candidates = [(folder / "unet" / "config.json", None), (folder / "train_config.json", "unet")]
+    candidates = [(folder / "unet" / "config.json", None), (folder / RUN_RECORD_FILE, "unet")]
     if folder.parent.name == "checkpoints":  # output_dir/checkpoints/<step>
-        candidates.append((folder.parent.parent / "train_config.json", "unet"))
+        candidates.append((folder.parent.parent / RUN_RECORD_FILE, "unet"))
     for file, key in candidates:
         try:
             config = json.loads(file.read_text())

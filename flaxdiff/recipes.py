@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from .data import BUILTIN
+from .hub import RUN_RECORD_FILE
 from .training.options import TrainOptions, build_parser
 
 RESULTS = "results.json"
@@ -130,7 +131,7 @@ def run_recipe(recipe: Recipe, log=print) -> None:
 
 def summarize(recipe: Recipe) -> dict:
     rows = read_rows(Path(recipe.options.output_dir))
-    record = json.loads((Path(recipe.options.output_dir) / "train_config.json").read_text())
+    record = json.loads((Path(recipe.options.output_dir) / RUN_RECORD_FILE).read_text())
     options = record["options"]
     step_images = options["train_batch_size"] * options["gradient_accumulation_steps"]
     trained = [r for r in rows if "loss" in r]

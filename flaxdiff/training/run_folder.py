@@ -20,10 +20,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..hub import RUN_RECORD_FILE as RECORD_FILE
 from ..parallel import barrier
 from .options import OptionsError, TrainOptions
 
-RECORD_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
