@@ -8,6 +8,7 @@ torch.profiler's aten ops).
     python benchmarks/bench_matrix.py                      # every cell, 3 rounds (~1 hour on 2 CPU cores)
     python benchmarks/bench_matrix.py --cells small,small_heads_none --rounds 2
     python benchmarks/bench_matrix.py --list               # the cells and their configs
+    python benchmarks/bench_matrix.py --table_only --before benchmarks/results/speed_matrix_before.json
 
 The cells vary one axis at a time around `small` (the issue's 1.6 M-parameter UNet: widths
 (32, 64, 64), 2 layers per block, attention at 16x16 with head dim 8, 8 norm groups, 32 px, training
@@ -143,6 +144,21 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def before_after(before: dict, after: dict) -> str:
+    """Each cell's medians in two results files (say, a commit before a fix and after it), with the
+    spread of each."""
+    def ratio(r):
+        return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+    lines = ["| cell | training before | after | sampling before | after | peak RSS train before | after |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, c in after["cells"].items():
+        b = before["cells"].get(name)
+        if b:
+            lines.append(f"| {name} | {ratio(b['train_ratio'])} | {ratio(c['train_ratio'])} | {ratio(b['sample_ratio'])} "
+                         f"| {ratio(c['sample_ratio'])} | {b['train_memory_ratio']:.2f} | {c['train_memory_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def parse_cell_arguments(parser: argparse.ArgumentParser, cells: list[str], results: Path, default_rounds: int):
     """The flags every cell benchmark shares, parsed; returns (args, the chosen cell names)."""
     parser.add_argument("--cells", default=",".join(cells), help=f"comma-separated cells (default: all): "
@@ -193,6 +209,8 @@ def main() -> int:
                         "warm-up step (default: 4)")
     parser.add_argument("--sample_steps", type=int, default=25, help="DDPM steps per sampling round (default: 25)")
     parser.add_argument("--sample_batch", type=int, default=16, help="sampling batch (default: 16)")
+    parser.add_argument("--before", help="a results file of an earlier commit: print each cell's ratios before "
+                        "(that file) and after (--output) too")
     args, names = parse_cell_arguments(parser, list(CELLS), RESULTS, default_rounds=3)
     if args.list:
         for name in names:
@@ -202,6 +220,8 @@ def main() -> int:
                             lambda name: describe(cell_axes(name)), summary_line, args.force, args.table_only)
     print(f"Machine: {results.get('machine')}.\n")
     print(table(results))
+    if args.before:
+        print("\n" + before_after(json.loads(Path(args.before).read_text()), results))
     return 0
 
 
