@@ -13,7 +13,10 @@ tenth of the run (flaxdiff.recipes' choice for runs shorter than 5,000 steps).
     python benchmarks/recipe_findings.py --datasets mnist --images_seen 3200
 
 Each sweep's folder is --work_dir/<dataset> (resumable); its results.md, results.json and
-bpd_vs_images.png are copied to benchmarks/results/recipes/<dataset>/.
+bpd_vs_images.png are copied to benchmarks/results/recipes/<dataset>/, beside paired.md and
+paired.json: each recipe's final EMA scored again image by image, and its gap to the best recipe
+with the standard error of the paired differences (what separates two recipes; the +- of
+results.md is the spread over images, most of which every recipe shares).
 """
 
 from __future__ import annotations
@@ -53,6 +56,48 @@ def size_configs(folder: Path, channels: int) -> dict[str, Path]:
     return paths
 
 
+def paired_gaps(runs: Path, channels: int) -> dict:
+    """Each finished recipe's final EMA pipeline scored again on its held-out images with the
+    validation's draws, image by image, and its gap to the best recipe with the standard error of
+    the paired differences. Every recipe is scored on the same images with the same timesteps and
+    noise, so most of the image-to-image spread (the +- of results.md) cancels in a difference."""
+    import numpy as np
+    from flaxdiff.bound import pipeline_bits_per_dim
+    from flaxdiff.data import load_image_data
+    from flaxdiff.hub import RUN_RECORD_FILE
+    from flaxdiff.load import load_pipeline
+    from flaxdiff.training.run_folder import RunRecord
+    from flaxdiff.training.setup import data_spec
+    from flaxdiff.training.validation import BATCH, SEED, split_off_validation
+
+    per_image = {}
+    for folder in sorted(p.parent for p in runs.glob("*/model_index.json")):  # finished recipes
+        opts = RunRecord.from_json(json.loads((folder / RUN_RECORD_FILE).read_text())).options
+        spec = data_spec(opts, channels)
+        validation = split_off_validation(opts, spec, load_image_data(spec), False)[1]
+        result = pipeline_bits_per_dim(load_pipeline(folder), validation.images, batch_size=BATCH, seed=SEED,
+                                       num_timesteps=opts.validation_num_timesteps)
+        per_image[folder.name] = result.per_image
+        print(f"{folder.name}: {result}", flush=True)
+    best = min(per_image, key=lambda name: per_image[name].mean())
+    rows = {}
+    for name, values in per_image.items():
+        gap = values - per_image[best]
+        rows[name] = {"bits_per_dim": float(values.mean()), "gap_to_best": float(gap.mean()),
+                      "gap_standard_error": float(gap.std(ddof=1) / np.sqrt(len(gap))) if name != best else 0.0}
+    return {"best": best, "images": len(per_image[best]), "recipes": rows}
+
+
+def paired_table(paired: dict) -> str:
+    lines = [f"Final EMA weights, {paired['images']} held-out images, the same timesteps and noise for every recipe; "
+             "the gap to the best recipe with the standard error of the paired per-image differences.", "",
+             "| recipe | held-out bits/dim, EMA | gap to the best (paired s.e.) |", "| --- | ---: | ---: |"]
+    for name, row in sorted(paired["recipes"].items(), key=lambda item: item[1]["bits_per_dim"]):
+        gap = "best" if name == paired["best"] else f"+{row['gap_to_best']:.3f} ± {row['gap_standard_error']:.3f}"
+        lines.append(f"| `{name}` | {row['bits_per_dim']:.3f} | {gap} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(SWEEPS), help="which sweeps (default: mnist,openmoji)")
@@ -78,6 +123,10 @@ def main() -> int:
         results.mkdir(parents=True, exist_ok=True)
         for file in ("results.md", "results.json", "bpd_vs_images.png"):
             shutil.copy(folder / "runs" / file, results / file)
+        paired = paired_gaps(folder / "runs", sweep["channels"])
+        (results / "paired.json").write_text(json.dumps(paired, indent=1) + "\n")
+        (results / "paired.md").write_text(paired_table(paired) + "\n")
+        print(paired_table(paired))
     return 0
 
 
