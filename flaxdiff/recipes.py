@@ -11,7 +11,8 @@ train.py's default or a tenth of its steps, whichever is fewer. Flags after `--`
 Each recipe is a normal train.py output folder under --output_dir; an interrupted sweep continues
 where it stopped (finished recipes are kept, an interrupted one resumes from its last checkpoint).
 At the end: results.md and results.json (one row per recipe: final held-out bits/dim, images seen,
-FLOPs, time) and bpd_vs_images.png (held-out bits/dim against images seen, one line per recipe).
+FLOPs, time) and bpd_vs_images.png (held-out bits/dim against images seen and against training
+FLOPs, one line per recipe).
 """
 
 from __future__ import annotations
@@ -184,15 +185,24 @@ def plot(results: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    # against images seen, and (when the runs logged their FLOPs) against training FLOPs: recipes of
+    # different model sizes compare at equal compute only on the second
+    by_flops = all(r["flops"] and r["images_seen"] for r in results)
+    fig, axes = plt.subplots(1, 2 if by_flops else 1, figsize=(12 if by_flops else 7, 4.2), dpi=110, squeeze=False)
     for r in results:
         if r["curve"]:
-            xs, ys = zip(*r["curve"])
-            ax.plot(xs, ys, "o-", lw=1, ms=3, label=r["recipe"])
-    ax.set_xlabel("training images seen")
-    ax.set_ylabel("held-out bits/dim (EMA where kept)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+            images, bpd = zip(*r["curve"])
+            axes[0, 0].plot(images, bpd, "o-", lw=1, ms=3, label=r["recipe"])
+            if by_flops:
+                per_image = r["flops"] / r["images_seen"]
+                axes[0, 1].plot([x * per_image / 1e12 for x in images], bpd, "o-", lw=1, ms=3, label=r["recipe"])
+    axes[0, 0].set_xlabel("training images seen")
+    if by_flops:
+        axes[0, 1].set_xlabel("training TFLOPs")
+    for ax in axes[0]:
+        ax.set_ylabel("held-out bits/dim (EMA where kept)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
