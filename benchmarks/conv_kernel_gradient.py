@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 # (batch, height = width, in channels, out channels): the small UNet at 32 px and its 16x16 and 8x8
@@ -144,7 +145,10 @@ def main() -> int:
     parts = [in_subprocess("torch", args.repeats), in_subprocess("jax", args.repeats),
              in_subprocess("ynn_conv", args.repeats, YNN_CONVOLUTION)]
     rows = {shape: {k: v for part in parts for k, v in part[shape].items()} for shape in parts[0]}
-    Path(args.output).write_text(json.dumps({"unit": "ms per call", "rows": rows}, indent=1) + "\n")
+    from bench_speed import machine
+
+    Path(args.output).write_text(json.dumps({"machine": machine(), "unit": "ms per call", "rows": rows}, indent=1)
+                                 + "\n")
     columns = ["torch", "xla", "im2col", "taps", "ynn_conv"]
     print("| (batch, size, in, out) | " + " | ".join(f"{c} ms" for c in columns) + " | xla / torch |")
     print("| --- |" + " ---: |" * (len(columns) + 1))
