@@ -125,10 +125,12 @@ def describe(axes: dict) -> str:
             f"g{axes['groups']} {axes['resolution']}px b{axes['batch']}")
 
 
-def table(results: dict) -> str:
-    def ratio(r):
-        return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+def ratio(r: dict) -> str:
+    """A ratio's median with the range of its rounds."""
+    return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
 
+
+def table(results: dict) -> str:
     def ops(top):
         return "; ".join(f"{o['op'].replace('|', '/')} {o['share']:.0%}" for o in top)
     lines = ["| cell | config | training img/s flaxdiff / diffusers | ratio (spread) | sampling evals/s | ratio (spread) "
@@ -147,8 +149,6 @@ def table(results: dict) -> str:
 def before_after(before: dict, after: dict) -> str:
     """Each cell's medians in two results files (say, a commit before a fix and after it), with the
     spread of each."""
-    def ratio(r):
-        return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
     lines = ["| cell | training before | after | sampling before | after | peak RSS train before | after |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, c in after["cells"].items():

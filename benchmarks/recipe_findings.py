@@ -9,14 +9,14 @@ twice the channels, (32, 64, 128, 128): 4.5 M parameters). 10% of each dataset i
 every recipe sees the same number of images (--images_seen), batch 32, EMA kept, a warmup of a
 tenth of the run (flaxdiff.recipes' choice for runs shorter than 5,000 steps).
 
-    python benchmarks/recipe_findings.py                          # ~30 minutes on 2 CPU cores
+    python benchmarks/recipe_findings.py                          # ~75 minutes on 2 CPU cores
     python benchmarks/recipe_findings.py --datasets mnist --images_seen 3200
 
 Each sweep's folder is --work_dir/<dataset> (resumable); its results.md, results.json and
 bpd_vs_images.png are copied to benchmarks/results/recipes/<dataset>/, beside paired.md and
 paired.json: each recipe's final EMA scored again image by image, and its gap to the best recipe
 with the standard error of the paired differences (what separates two recipes; the +- of
-results.md is the spread over images, most of which every recipe shares).
+results.md is the standard error over images, most of which every recipe shares).
 """
 
 from __future__ import annotations
