@@ -20,3 +20,15 @@ def report_errors(run: Callable[[], int | None], interrupted: str = "interrupted
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+    except RuntimeError as error:  # JAX's runtime errors; only the multi-process connect failure is explained
+        if GLOO_CONNECT_FAILED not in str(error) or os.environ.get("FLAXDIFF_DEBUG"):
+            raise
+        print(f"error: the processes of a multi-process job could not connect to each other for their first "
+              f"collective ({str(error).splitlines()[0]}). Every process must be running, started with the same "
+              "flags, and able to reach the others over TCP; a process more than 30 s behind the others when "
+              "they connect fails the same way (a host starved of CPU). Start all processes again; "
+              "--resume_from_checkpoint latest continues from the last checkpoint.", file=sys.stderr)
+        return 1
+
+
+GLOO_CONNECT_FAILED = "Gloo context initialization failed"  # XLA:CPU's message when gloo's setup fails

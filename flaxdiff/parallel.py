@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -115,11 +116,43 @@ def host_memory_bytes() -> int | None:
         return None
 
 
+# How long a barrier waits for the slowest process: long enough for a large model's compile on a
+# loaded host.
+BARRIER_TIMEOUT_SECONDS = 3600
+
+
 def barrier(name: str) -> None:
-    """Wait until every process gets here (a no-op for a single process)."""
-    if jax.process_count() > 1:
+    """Wait until every process gets here (a no-op for a single process); each name once per run.
+
+    Uses the coordination service's barrier, not a collective: on CPUs a collective over a new set
+    of devices first connects them with gloo, whose setup gives up after a fixed 30 s."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client jax.distributed.initialize() made; Orbax uses it too
+
+    client = distributed.global_state.client
+    if client is None:  # several processes without jax.distributed (no coordination service)
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+    else:
+        client.wait_at_barrier(name, BARRIER_TIMEOUT_SECONDS * 1000)
+
+
+def connect_processes(mesh: Mesh) -> None:
+    """Connect the processes' devices for collectives now, with nothing else in flight: one sum over
+    the mesh. On CPUs the first collective over a set of devices sets up gloo, whose setup fails when
+    one device's program starts more than 30 s after another's; the train step's first all-reduce,
+    behind the first batch's transfers, is a worse moment for it. Later collectives over the same
+    devices reuse the connection. A no-op for a single process."""
+    if jax.process_count() == 1:
+        return
+    barrier("connect processes")
+    ones = jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)),
+                                                  np.ones(len(mesh.local_devices), np.int32))
+    ones.block_until_ready()  # every device's input is there before the collective starts
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones)
+    if int(total.addressable_data(0)) != mesh.size:
+        raise RuntimeError(f"the processes' devices summed to {int(total.addressable_data(0))}, not {mesh.size}")
 
 
 # Dense bf16 peak FLOP/s of one JAX device, by device_kind (TPU cores and GPUs), for MFU logging.

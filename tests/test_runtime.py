@@ -89,3 +89,22 @@ def test_doctor_command(capsys):
                  "no problems found"):
         assert text in out, out
     assert doctor.summary().startswith("flaxdiff ") and "versions match" in doctor.summary()
+
+
+def test_a_failed_gloo_connection_is_one_error_line(capsys):
+    """XLA:CPU's runtime error when the processes of a multi-process job cannot connect: one line
+    that says what to do, exit code 1; any other runtime error keeps its traceback."""
+    from flaxdiff.cli import report_errors
+
+    def gloo_fails():
+        raise RuntimeError("UNKNOWN: Gloo context initialization failed: [external/gloo/gloo/transport/tcp/pair.h:301] "
+                           "Connect timeout [none]\nmore detail")
+    assert report_errors(gloo_fails) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Connect timeout" in err and "--resume_from_checkpoint latest" in err
+
+    def other_failure():
+        raise RuntimeError("something else")
+    with pytest.raises(RuntimeError, match="something else"):
+        report_errors(other_failure)

@@ -117,6 +117,7 @@ def prepare_run(opts: TrainOptions, log=print) -> Run:
         say(f"no checkpoint in {out / 'checkpoints'} yet: starting a new run")
     if resume is not None:
         check_resumable(resume, opts, unet_config, say)
+    parallel.connect_processes(mesh)  # before any other device work (multi-process runs)
 
     # ---- data
     say(f"loading {opts.dataset} ...")
