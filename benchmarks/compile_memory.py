@@ -5,7 +5,7 @@ config), the second loads them from the cache (every later run: train.py and sam
 cache by default). Peak RSS of each against diffusers' from a speed-matrix results file, measured
 on the same machine; diffusers compiles nothing, so its figure serves both.
 
-    python benchmarks/compile_memory.py --matrix benchmarks/results/speed_matrix_amd_epyc.json   # ~15 min
+    python benchmarks/compile_memory.py --matrix benchmarks/results/speed_matrix_amd_epyc.json   # ~25 min on 2 cores
     python benchmarks/compile_memory.py --cells small,course --rounds 1
 
 Results: benchmarks/results/compile_memory.json and a markdown table on stdout (docs/speed.md).
