@@ -16,13 +16,17 @@ gradients), and `unet.py` uses them for every forward and backward pass:
   XLA:CPU computes as an lhs-dilated convolution through a slow generic kernel; here the input
   gradient is that of the same convolution written as a stride-1 2x2 convolution over the
   space-to-depth input (a fast kernel).
+* `small_image_conv` (CPU only): a stride-1 convolution over an image of at most 2x2 pixels (the
+  lowest level of a UNet with many down blocks, such as train_unconditional's `ddpm` preset at
+  64 px), which XLA:CPU rewrites into a form that runs 30-60x slower than its arithmetic, forward
+  and backward; here it is one matrix product over the kernel's shifted views of the padded input.
 * `attention` (CPU only): softmax attention as batched matmuls over (sample, head) pairs, the output
   normalised after the product with v; the backward pass recomputes the probabilities from q, k
   and the saved log-sum-exp instead of keeping them. Under a gradient both passes run in chunks of
   pairs one after another (a loop), so that each chunk's scores stay in cache, as flash attention
   blocks them; sampling runs in one piece.
 
-TPUs and GPUs keep the plain formulations of the last three (their compilers handle them well).
+TPUs and GPUs keep the plain formulations of the last four (their compilers handle them well).
 `benchmarks/bench_speed.py` measures the effect; docs/speed.md has the figures.
 """
 
@@ -192,6 +196,33 @@ def upsample_conv(x, kernel, bias):
     # reshape that merges or splits one group of axes, not two at once.
     y = y.reshape(b, h, 2, 2 * w, d)
     return y.reshape(b, 2 * h, 2 * w, d) + bias.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- conv over a tiny image
+# XLA:CPU compiles a 3x3 stride-1 convolution over an image of at most 2x2 pixels into a different
+# convolution (its window trimmed to 2x2, batch and features swapped) that runs 30-60x slower than
+# the same products written out, and its gradients as slowly; at 3x3 pixels and up, or 2 x N, it
+# runs at full speed (benchmarks/small_image_conv.py). Below that size the shifted views of the
+# padded input are tiny, so one product over all of them side by side (im2col) costs nothing.
+SMALL_IMAGE_SIDE = 2
+
+
+def is_small_image_conv(image_shape, kernel_size) -> bool:
+    """Whether a convolution over NHWC images of `image_shape` goes through small_image_conv."""
+    height, width = image_shape[-3:-1]
+    return use_cpu_kernels() and max(kernel_size) > 1 and max(height, width) <= SMALL_IMAGE_SIDE
+
+
+def small_image_conv(x, kernel, bias, padding: int):
+    """A stride-1 convolution (NHWC, HWIO, `padding` zeros on every side) + bias, as one product of
+    the kernel's shifted views of the padded input, side by side, with the flattened kernel."""
+    kh, kw, c, d = kernel.shape
+    _, h, w, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out_h, out_w = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    views = [padded[:, i:i + out_h, j:j + out_w, :] for i in range(kh) for j in range(kw)]
+    # (B, H, W, kh * kw * C) x (kh * kw * C, D): the row order (i, j, c) is the kernel's own
+    return jnp.concatenate(views, axis=-1) @ kernel.astype(x.dtype).reshape(kh * kw * c, d) + bias.astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- strided conv

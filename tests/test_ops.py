@@ -158,6 +158,50 @@ def test_downsample_conv_values_and_gradients(kernels, padding, shape):
         assert relative_error(g, r) < 2e-6, name
 
 
+@pytest.mark.parametrize("shape, kernel_size, padding", [((3, 2, 2, 6), 3, 1), ((2, 1, 1, 4), 3, 1),
+                                                         ((2, 1, 2, 5), 3, 1), ((2, 2, 2, 4), 1, 0)])
+def test_small_image_conv_values_and_gradients(shape, kernel_size, padding):
+    """The im2col form against the convolution, both in float64, and in float32 against that."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((kernel_size, kernel_size, shape[-1], 5)) * 0.3
+    b = rng.standard_normal(5)
+    pads = ((padding, padding), (padding, padding))
+    reference = lambda x, w, b: _conv(x, w, padding=pads) + b
+    ours = lambda x, w, b: ops.small_image_conv(x, w, b, padding)
+    weights = rng.standard_normal((shape[0], shape[1] + 2 * padding - kernel_size + 1,
+                                   shape[2] + 2 * padding - kernel_size + 1, 5))
+    loss = lambda f, *a: jnp.sum(f(*a) * weights)
+    with enable_x64():
+        args64 = [jnp.asarray(a, jnp.float64) for a in (x, w, b)]
+        want = np.asarray(reference(*args64))
+        want_grads = [np.asarray(g) for g in jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(*args64)]
+        assert relative_error(ours(*args64), want) < 1e-12  # the same sums, in another order
+    args = [jnp.asarray(a, jnp.float32) for a in (x, w, b)]
+    got = jax.jit(ours)(*args)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert relative_error(got, want) < 2e-6
+    grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(*args)
+    for name, g, r in zip(("x", "kernel", "bias"), grads, want_grads):
+        assert relative_error(g, r) < 2e-6, name
+
+
+@pytest.mark.parametrize("image, expected", [((4, 2, 2, 8), True), ((4, 1, 1, 8), True), ((4, 1, 2, 8), True),
+                                             ((4, 3, 3, 8), False), ((4, 2, 8, 8), False)])
+def test_small_image_conv_is_used_below_3x3_pixels_on_cpus(kernels, image, expected):
+    """The UNet's convolutions take the im2col form at 2x2 pixels and below, on the CPU path only
+    (and never for a 1x1 kernel), and give the same values as nnx.Conv either way."""
+    from flax import nnx
+
+    from flaxdiff.unet import conv
+    assert ops.is_small_image_conv(image, (3, 3)) == (expected and kernels)
+    assert not ops.is_small_image_conv(image, (1, 1))
+    layer = conv(8, 6, 3, nnx.Rngs(0), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(8).standard_normal(image), jnp.float32)
+    want = nnx.Conv.__call__(layer, x)
+    assert relative_error(layer(x), want) < 2e-6
+
+
 @pytest.fixture(params=["plain", "cpu-whole", "cpu-in-chunks"])
 def attention_path(request, monkeypatch):
     """The attention as TPUs/GPUs run it (plain), or the CPU attention in one piece, or forced into
@@ -206,13 +250,13 @@ def test_unet_gradients_with_explicit_sharding(attention_path):
     from jax.sharding import AxisType, NamedSharding
 
     from flaxdiff.unet import UNet2D, UNet2DConfig
-    config = UNet2DConfig(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+    config = UNet2DConfig(sample_size=4, in_channels=3, out_channels=3, layers_per_block=1,
                           block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4,
                           down_block_types=("AttnDownBlock2D", "DownBlock2D"),
                           up_block_types=("UpBlock2D", "AttnUpBlock2D"), downsample_padding=padding)
     unet = UNet2D(config, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((8, 8, 8, 3)).astype(np.float32)
+    x = rng.standard_normal((8, 4, 4, 3)).astype(np.float32)  # its lower block at 2x2 (ops.small_image_conv)
     t = rng.integers(0, 1000, 8).astype(np.int32)
 
     def loss_and_grads(unet, x, t):

@@ -1,0 +1,120 @@
+"""Why flaxdiff computes a convolution over a 2x2 image as one matrix product (`ops.small_image_conv`).
+
+XLA:CPU compiles a 3x3 stride-1 convolution over an image of at most 2x2 pixels into another
+convolution (window trimmed to 2x2, batch and features swapped) that runs far below the speed of
+its arithmetic. A UNet meets it at its lowest level when it has many down blocks for its image
+size: train_unconditional's `ddpm` preset at 64 px has 14 such convolutions at 2x2 x 512.
+This measures milliseconds per call, forward and forward + backward (gradients of the input and
+the kernel), at the lowest levels' shapes and their neighbours, of:
+
+* xla: `jax.lax.conv_general_dilated`, as nnx.Conv calls it (with flaxdiff's XLA flags);
+* im2col: `flaxdiff.ops.small_image_conv` (checked against xla's values first);
+* torch: `torch.nn.functional.conv2d` (oneDNN; NCHW as diffusers runs it).
+
+    python benchmarks/small_image_conv.py          # ~2 minutes on 2 CPU cores
+
+Results: benchmarks/results/small_image_conv.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from conv_kernel_gradient import timed  # noqa: E402
+
+# (batch, height, width, in channels, out channels), 3x3 kernels, padding 1
+SHAPES = [(16, 1, 1, 512, 512), (16, 2, 2, 512, 512), (16, 2, 2, 1024, 512), (16, 3, 3, 512, 512),
+          (16, 4, 4, 512, 512), (16, 2, 8, 512, 512), (64, 2, 2, 64, 64), (1, 2, 2, 512, 512)]
+
+
+def measure_jax(repeats: int) -> dict:
+    import flaxdiff  # noqa: F401  (flaxdiff's XLA flags, as in training)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxdiff import ops
+
+    def xla(x, w, b):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+
+    def im2col(x, w, b):
+        return ops.small_image_conv(x, w, b, 1)
+
+    results = {}
+    for shape in SHAPES:
+        n, h, w_, c, d = shape
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((n, h, w_, c)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, c, d)) * 0.05, jnp.float32)
+        b = jnp.zeros(d, jnp.float32)
+        row = {}
+        for name, fn in (("xla", xla), ("im2col", im2col)):
+            forward = jax.jit(fn)
+            both = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a) ** 2), argnums=(0, 1)))
+            row[f"{name} forward"] = timed(lambda: jax.block_until_ready(forward(x, w, b)), repeats)
+            row[f"{name} backward"] = timed(lambda: jax.block_until_ready(both(x, w, b)), repeats)
+        error = float(jnp.abs(im2col(x, w, b) - xla(x, w, b)).max() / jnp.abs(xla(x, w, b)).max())
+        assert error < 1e-5, f"im2col differs from xla by {error:.1e} at {shape}"
+        results[str(shape)] = row
+    return results
+
+
+def measure_torch(repeats: int) -> dict:
+    import torch
+
+    results = {}
+    for shape in SHAPES:
+        n, h, w_, c, d = shape
+        x = torch.randn(n, c, h, w_, requires_grad=True)
+        w = (torch.randn(d, c, 3, 3) * 0.05).requires_grad_()
+
+        def forward():
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(x, w, padding=1)
+
+        def both():
+            (torch.nn.functional.conv2d(x, w, padding=1) ** 2).sum().backward()
+        results[str(shape)] = {"torch forward": timed(forward, repeats), "torch backward": timed(both, repeats)}
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="calls per timed round (default: 5)")
+    parser.add_argument("--output", default=str(HERE / "results" / "small_image_conv.json"),
+                        help="results file (default: benchmarks/results/small_image_conv.json)")
+    parser.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps((measure_torch if args.worker == "torch" else measure_jax)(args.repeats)))
+        return 0
+    parts = []
+    for side in ("torch", "jax"):  # one process each, so neither library's threads run beside the other's
+        out = subprocess.run([sys.executable, __file__, "--worker", side, "--repeats", str(args.repeats)],
+                             check=True, capture_output=True, text=True).stdout
+        parts.append(json.loads(out.strip().splitlines()[-1]))
+    rows = {shape: {**parts[0][shape], **parts[1][shape]} for shape in parts[0]}
+    from bench_speed import machine
+
+    Path(args.output).write_text(json.dumps({"machine": machine(), "unit": "ms per call", "rows": rows}, indent=1)
+                                 + "\n")
+    columns = [f"{side} {part}" for part in ("forward", "backward") for side in ("torch", "xla", "im2col")]
+    print("| (batch, height, width, in, out) | " + " | ".join(f"{c} ms" for c in columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    for shape, row in rows.items():
+        print(f"| {shape} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
