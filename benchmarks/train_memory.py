@@ -1,0 +1,188 @@
+"""Where a training job's peak memory goes, flaxdiff against diffusers, stage by stage.
+
+The speed matrix's peak RSS of training is above diffusers' for small batches and the `ddpm`
+preset even when the programs come from the compilation cache (docs/speed.md). This runs each
+side's training job of the matrix (bench_speed.py's workers: the same step, no EMA on either side)
+and reads the process's resident memory after each stage:
+
+* runtime: the libraries imported and their CPU backend started;
+* state: the model, its optimizer state and one batch created (torch's AdamW creates its moments
+  at the first step, so torch's "after step 1" below holds them, and its gradients are freed by
+  zero_grad);
+* flaxdiff: the train step compiled (from the compilation cache on the second of two runs, which
+  is the one reported) and XLA's own accounting of the step program (`memory_analysis`: its
+  arguments, the state and batch, and its temporaries: activations kept for the backward pass,
+  gradients, and working space);
+* the peak over the warm-up and the timed steps.
+
+    python benchmarks/train_memory.py                   # 4 cells, ~6 minutes on 2 CPU cores
+    python benchmarks/train_memory.py --cells ddpm_64px
+
+Results: benchmarks/results/train_memory.json and a markdown table on stdout (docs/speed.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+DEFAULT_CELLS = ["small_batch_16", "course", "course_batch_16", "ddpm_64px"]
+
+
+def rss_mb() -> float:
+    """The process's resident memory now (VmRSS), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def tree_mb(tree) -> float:
+    import jax
+
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(tree)) / 2**20
+
+
+def flax_stages(config: dict, batch: int, steps: int) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from bench_speed import image_shape, peak_rss_mb, unet_config
+    from flaxdiff import parallel
+    from flaxdiff.host import release_free_memory
+    from flaxdiff.schedule import NoiseSchedule
+    from flaxdiff.training.step import TrainStepConfig, create_train_state, make_train_step
+    from flaxdiff.unet import UNet2D
+
+    jax.devices()
+    stages = {"runtime": rss_mb()}
+
+    config = unet_config(config)
+    graphdef, params = nnx.split(UNet2D(config, rngs=nnx.Rngs(0)))
+    mesh = parallel.make_mesh()
+    step_config = TrainStepConfig(total_steps=1000, lr_warmup_steps=0)
+    state = parallel.replicate(create_train_state(nnx.to_pure_dict(params), step_config), mesh)
+    del params
+    images = np.random.default_rng(0).integers(0, 256, (1, 1, batch, *image_shape(config)), dtype=np.uint8)
+    batch_array = parallel.global_batch(images, mesh, batch_axis=2)
+    stages["state"] = rss_mb()
+    compiled = make_train_step(graphdef, NoiseSchedule.from_config(), step_config, mesh, seed=0).lower(
+        state, batch_array).compile()
+    release_free_memory()  # as train.py does after compiling
+    stages["compiled"] = rss_mb()
+    analysis = compiled.memory_analysis()
+    for _ in range(1 + steps):
+        state, metrics = compiled(state, batch_array)
+        jax.block_until_ready(metrics)
+    stages["peak"] = peak_rss_mb()
+    return {"stages_mb": stages, "state_mb": tree_mb(state), "xla_arguments_mb": analysis.argument_size_in_bytes / 2**20,
+            "xla_temp_mb": analysis.temp_size_in_bytes / 2**20}
+
+
+def torch_stages(config: dict, batch: int, steps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from bench_speed import image_shape, peak_rss_mb, unet_config
+
+    stages = {"runtime": rss_mb()}
+
+    torch.manual_seed(0)
+    config = unet_config(config)
+    model = UNet2DModel(**config).train()
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    height, width, channels = image_shape(config)
+    clean = torch.rand(batch, channels, height, width) * 2 - 1
+    stages["state"] = rss_mb()
+
+    def one_step():  # bench_speed.torch_train's step
+        noise = torch.randn(clean.shape)
+        timesteps = torch.randint(0, 1000, (batch,)).long()
+        loss = F.mse_loss(model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    one_step()
+    stages["after step 1"] = rss_mb()
+    for _ in range(steps):
+        one_step()
+    stages["peak"] = peak_rss_mb()
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    moments = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                  if torch.is_tensor(v)) / 2**20
+    return {"stages_mb": stages, "state_mb": params + moments}
+
+
+def run(side: str, cell: str, steps: int, env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", side, "--cells", cell, "--steps", str(steps)],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def table(results: dict) -> str:
+    rows = ["| cell | config | flaxdiff runtime / + state / + step compiled / peak (MB) | state, XLA temporaries (MB) "
+            "| diffusers runtime / + model and batch / after step 1 / peak (MB) | state (MB) | peak ratio |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        f, t = r["flaxdiff"], r["diffusers"]
+        fs, ts = f["stages_mb"], t["stages_mb"]
+        rows.append(f"| {name} | {r['config']} | {fs['runtime']:.0f} / {fs['state']:.0f} / {fs['compiled']:.0f} / "
+                    f"{fs['peak']:.0f} | {f['state_mb']:.0f}, {f['xla_temp_mb']:.0f} | {ts['runtime']:.0f} / "
+                    f"{ts['state']:.0f} / {ts['after step 1']:.0f} / {ts['peak']:.0f} | {t['state_mb']:.0f} "
+                    f"| {fs['peak'] / ts['peak']:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", default=",".join(DEFAULT_CELLS),
+                        help=f"comma-separated speed-matrix cells (default: {','.join(DEFAULT_CELLS)})")
+    parser.add_argument("--steps", type=int, default=2, help="training steps after the first (default: 2)")
+    parser.add_argument("--output", default=str(HERE / "results" / "train_memory.json"),
+                        help="results file (default: benchmarks/results/train_memory.json)")
+    parser.add_argument("--worker", choices=["flaxdiff", "diffusers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from bench_matrix import cell_axes, describe, unet_config
+
+    if args.worker:
+        axes = cell_axes(args.cells)
+        stages = flax_stages if args.worker == "flaxdiff" else torch_stages
+        print(json.dumps(stages(unet_config(axes), axes["batch"], args.steps)))
+        return 0
+    from bench_speed import machine
+    from flaxdiff.host import TUNABLE
+
+    results = {}
+    with tempfile.TemporaryDirectory() as cache:
+        # flaxdiff as train.py runs it: the malloc tunable and the persistent compilation cache
+        flax_env = {**os.environ, "GLIBC_TUNABLES": TUNABLE, "JAX_COMPILATION_CACHE_DIR": cache,
+                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        for name in args.cells.split(","):
+            start = time.perf_counter()
+            run("flaxdiff", name, args.steps, flax_env)  # fills the cache
+            results[name] = {"config": describe(cell_axes(name)),
+                             "flaxdiff": run("flaxdiff", name, args.steps, flax_env),
+                             "diffusers": run("diffusers", name, args.steps, dict(os.environ))}
+            print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    Path(args.output).write_text(json.dumps({"machine": machine(), "cells": results}, indent=1) + "\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
