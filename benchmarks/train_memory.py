@@ -16,7 +16,8 @@ and reads the process's resident memory after each stage:
 * the peak over the warm-up and the timed steps.
 
     python benchmarks/train_memory.py                   # 4 cells, ~6 minutes on 2 CPU cores
-    python benchmarks/train_memory.py --cells ddpm_64px
+    python benchmarks/train_memory.py --cells ddpm_64px --gradient_checkpointing \
+        --output benchmarks/results/train_memory_gradient_checkpointing.json
 
 Results: benchmarks/results/train_memory.json and a markdown table on stdout (docs/speed.md).
 """
@@ -53,7 +54,7 @@ def tree_mb(tree) -> float:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(tree)) / 2**20
 
 
-def flax_stages(config: dict, batch: int, steps: int) -> dict:
+def flax_stages(config: dict, batch: int, steps: int, gradient_checkpointing: bool = False) -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -69,7 +70,7 @@ def flax_stages(config: dict, batch: int, steps: int) -> dict:
     stages = {"runtime": rss_mb()}
 
     config = unet_config(config)
-    graphdef, params = nnx.split(UNet2D(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(UNet2D(config, rngs=nnx.Rngs(0), gradient_checkpointing=gradient_checkpointing))
     mesh = parallel.make_mesh()
     step_config = TrainStepConfig(total_steps=1000, lr_warmup_steps=0)
     state = parallel.replicate(create_train_state(nnx.to_pure_dict(params), step_config), mesh)
@@ -82,12 +83,15 @@ def flax_stages(config: dict, batch: int, steps: int) -> dict:
     release_free_memory()  # as train.py does after compiling
     stages["compiled"] = rss_mb()
     analysis = compiled.memory_analysis()
-    for _ in range(1 + steps):
+    state, metrics = compiled(state, batch_array)  # warm-up
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
         state, metrics = compiled(state, batch_array)
         jax.block_until_ready(metrics)
     stages["peak"] = peak_rss_mb()
-    return {"stages_mb": stages, "state_mb": tree_mb(state), "xla_arguments_mb": analysis.argument_size_in_bytes / 2**20,
-            "xla_temp_mb": analysis.temp_size_in_bytes / 2**20}
+    return {"stages_mb": stages, "state_mb": tree_mb(state), "images_per_sec": batch * steps / (time.perf_counter() - start),
+            "xla_arguments_mb": analysis.argument_size_in_bytes / 2**20, "xla_temp_mb": analysis.temp_size_in_bytes / 2**20}
 
 
 def torch_stages(config: dict, batch: int, steps: int) -> dict:
@@ -128,8 +132,8 @@ def torch_stages(config: dict, batch: int, steps: int) -> dict:
     return {"stages_mb": stages, "state_mb": params + moments}
 
 
-def run(side: str, cell: str, steps: int, env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", side, "--cells", cell, "--steps", str(steps)],
+def run(side: str, cell: str, steps: int, env: dict, extra: tuple = ()) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", side, "--cells", cell, "--steps", str(steps), *extra],
                          check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -155,14 +159,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="training steps after the first (default: 2)")
     parser.add_argument("--output", default=str(HERE / "results" / "train_memory.json"),
                         help="results file (default: benchmarks/results/train_memory.json)")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="flaxdiff's UNet with --gradient_checkpointing, as train.py's flag builds it "
+                             "(recomputes activations in the backward pass); diffusers' job unchanged")
     parser.add_argument("--worker", choices=["flaxdiff", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     from bench_matrix import cell_axes, describe, unet_config
 
     if args.worker:
         axes = cell_axes(args.cells)
-        stages = flax_stages if args.worker == "flaxdiff" else torch_stages
-        print(json.dumps(stages(unet_config(axes), axes["batch"], args.steps)))
+        if args.worker == "flaxdiff":
+            result = flax_stages(unet_config(axes), axes["batch"], args.steps, args.gradient_checkpointing)
+        else:
+            result = torch_stages(unet_config(axes), axes["batch"], args.steps)
+        print(json.dumps(result))
         return 0
     from bench_speed import machine
     from flaxdiff.host import TUNABLE
@@ -174,9 +184,10 @@ def main() -> int:
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         for name in args.cells.split(","):
             start = time.perf_counter()
-            run("flaxdiff", name, args.steps, flax_env)  # fills the cache
-            results[name] = {"config": describe(cell_axes(name)),
-                             "flaxdiff": run("flaxdiff", name, args.steps, flax_env),
+            extra = ("--gradient_checkpointing",) if args.gradient_checkpointing else ()
+            run("flaxdiff", name, args.steps, flax_env, extra)  # fills the cache
+            results[name] = {"config": describe(cell_axes(name)), "gradient_checkpointing": args.gradient_checkpointing,
+                             "flaxdiff": run("flaxdiff", name, args.steps, flax_env, extra),
                              "diffusers": run("diffusers", name, args.steps, dict(os.environ))}
             print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     Path(args.output).write_text(json.dumps({"machine": machine(), "cells": results}, indent=1) + "\n")
