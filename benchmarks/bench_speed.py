@@ -120,28 +120,39 @@ def textbook_upsample_conv(x, kernel, bias):
 
 
 # --------------------------------------------------------------------------- workers (one per subprocess)
-def flax_train(batch: int, steps: int, mixed_precision: str = "no", config: dict | None = None,
-               profile: bool = False) -> dict:
+def flax_training(batch: int, mixed_precision: str = "no", config: dict | None = None,
+                  gradient_checkpointing: bool = False):
+    """flaxdiff's training as train.py sets it up, for a fixed batch of random images: the UNet's
+    graphdef, the mesh over every device, the step's config, the replicated train state and the batch."""
     import numpy as np
-    import jax
     import jax.numpy as jnp
     from flax import nnx
+
+    from flaxdiff import parallel
+    from flaxdiff.training.step import TrainStepConfig, create_train_state
+    from flaxdiff.unet import UNet2D
+
+    dtype = jnp.bfloat16 if mixed_precision == "bf16" else jnp.float32
+    config = unet_config(config)
+    graphdef, params = nnx.split(UNet2D(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                        gradient_checkpointing=gradient_checkpointing))
+    mesh = parallel.make_mesh()
+    step_config = TrainStepConfig(total_steps=1000, lr_warmup_steps=0, mixed_precision=mixed_precision)
+    state = parallel.replicate(create_train_state(nnx.to_pure_dict(params), step_config), mesh)
+    images = np.random.default_rng(0).integers(0, 256, (1, 1, batch, *image_shape(config)), dtype=np.uint8)
+    return graphdef, mesh, step_config, state, parallel.global_batch(images, mesh, batch_axis=2)
+
+
+def flax_train(batch: int, steps: int, mixed_precision: str = "no", config: dict | None = None,
+               profile: bool = False) -> dict:
+    import jax
 
     from flaxdiff import ops, parallel
     from flaxdiff.host import release_free_memory
     from flaxdiff.schedule import NoiseSchedule
-    from flaxdiff.training.step import TrainStepConfig, create_train_state, make_train_step
-    from flaxdiff.unet import UNet2D
+    from flaxdiff.training.step import make_train_step
 
-    dtype = jnp.bfloat16 if mixed_precision == "bf16" else jnp.float32
-    config_ = unet_config(config)
-    graphdef, params = nnx.split(UNet2D(config_, rngs=nnx.Rngs(0), dtype=dtype))
-    mesh = parallel.make_mesh()
-    config = TrainStepConfig(total_steps=1000, lr_warmup_steps=0, mixed_precision=mixed_precision)
-    state = parallel.replicate(create_train_state(nnx.to_pure_dict(params), config), mesh)
-    del params
-    images = np.random.default_rng(0).integers(0, 256, (1, 1, batch, *image_shape(config_)), dtype=np.uint8)
-    batch_array = parallel.global_batch(images, mesh, batch_axis=2)
+    graphdef, mesh, config, state, batch_array = flax_training(batch, mixed_precision, config)
     fast_upsample, ops.upsample_conv = ops.upsample_conv, textbook_upsample_conv
     textbook = make_train_step(graphdef, NoiseSchedule.from_config(), config, mesh, seed=0)
     model_flops = textbook.lower(state, batch_array).cost_analysis()["flops"]
@@ -181,10 +192,10 @@ def torch_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def torch_train(batch: int, steps: int, mixed_precision: str = "no", config: dict | None = None,
-                profile: bool = False) -> dict:
+def torch_training(batch: int, mixed_precision: str = "no", config: dict | None = None):
     """A faithful transcription of train_unconditional.py's step (epsilon loss, clip 1.0, AdamW;
-    bf16 autocast as accelerate's mixed_precision="bf16")."""
+    bf16 autocast as accelerate's mixed_precision="bf16"): the model, its optimizer and one step
+    (a closure over a fixed batch of clean images)."""
     import contextlib
 
     import torch
@@ -215,6 +226,15 @@ def torch_train(batch: int, steps: int, mixed_precision: str = "no", config: dic
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return model, optimizer, one_step
+
+
+def torch_train(batch: int, steps: int, mixed_precision: str = "no", config: dict | None = None,
+                profile: bool = False) -> dict:
+    import torch
+
+    device = torch_device()
+    _, _, one_step = torch_training(batch, mixed_precision, config)
     one_step()  # warm-up
     seconds = []
     for _ in range(steps):

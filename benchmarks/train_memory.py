@@ -56,27 +56,17 @@ def tree_mb(tree) -> float:
 
 def flax_stages(config: dict, batch: int, steps: int, gradient_checkpointing: bool = False) -> dict:
     import jax
-    import numpy as np
-    from flax import nnx
 
-    from bench_speed import image_shape, peak_rss_mb, unet_config
-    from flaxdiff import parallel
+    from bench_speed import flax_training, peak_rss_mb
     from flaxdiff.host import release_free_memory
     from flaxdiff.schedule import NoiseSchedule
-    from flaxdiff.training.step import TrainStepConfig, create_train_state, make_train_step
-    from flaxdiff.unet import UNet2D
+    from flaxdiff.training.step import make_train_step
+    from flaxdiff.unet import UNet2D  # noqa: F401  (imported before the runtime's reading, as torch's libraries are)
 
     jax.devices()
     stages = {"runtime": rss_mb()}
-
-    config = unet_config(config)
-    graphdef, params = nnx.split(UNet2D(config, rngs=nnx.Rngs(0), gradient_checkpointing=gradient_checkpointing))
-    mesh = parallel.make_mesh()
-    step_config = TrainStepConfig(total_steps=1000, lr_warmup_steps=0)
-    state = parallel.replicate(create_train_state(nnx.to_pure_dict(params), step_config), mesh)
-    del params
-    images = np.random.default_rng(0).integers(0, 256, (1, 1, batch, *image_shape(config)), dtype=np.uint8)
-    batch_array = parallel.global_batch(images, mesh, batch_axis=2)
+    graphdef, mesh, step_config, state, batch_array = flax_training(
+        batch, config=config, gradient_checkpointing=gradient_checkpointing)
     stages["state"] = rss_mb()
     compiled = make_train_step(graphdef, NoiseSchedule.from_config(), step_config, mesh, seed=0).lower(
         state, batch_array).compile()
@@ -96,31 +86,14 @@ def flax_stages(config: dict, batch: int, steps: int, gradient_checkpointing: bo
 
 def torch_stages(config: dict, batch: int, steps: int) -> dict:
     import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler, UNet2DModel
+    import torch.nn.functional  # noqa: F401  (the libraries the step uses, imported before the runtime's reading)
+    from diffusers import DDPMScheduler, UNet2DModel  # noqa: F401
 
-    from bench_speed import image_shape, peak_rss_mb, unet_config
+    from bench_speed import peak_rss_mb, torch_training
 
     stages = {"runtime": rss_mb()}
-
-    torch.manual_seed(0)
-    config = unet_config(config)
-    model = UNet2DModel(**config).train()
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    height, width, channels = image_shape(config)
-    clean = torch.rand(batch, channels, height, width) * 2 - 1
+    model, optimizer, one_step = torch_training(batch, config=config)  # bench_speed.torch_train's step
     stages["state"] = rss_mb()
-
-    def one_step():  # bench_speed.torch_train's step
-        noise = torch.randn(clean.shape)
-        timesteps = torch.randint(0, 1000, (batch,)).long()
-        loss = F.mse_loss(model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-
     one_step()
     stages["after step 1"] = rss_mb()
     for _ in range(steps):
