@@ -1,15 +1,23 @@
 """Why flaxdiff computes a convolution over a 2x2 image as one matrix product (`ops.small_image_conv`).
 
-XLA:CPU compiles a 3x3 stride-1 convolution over an image of at most 2x2 pixels into another
-convolution (window trimmed to 2x2, batch and features swapped) that runs far below the speed of
-its arithmetic. A UNet meets it at its lowest level when it has many down blocks for its image
-size: train_unconditional's `ddpm` preset at 64 px has 14 such convolutions at 2x2 x 512.
-This measures milliseconds per call, forward and forward + backward (gradients of the input and
-the kernel), at the lowest levels' shapes and their neighbours, of:
+XLA:CPU compiles a 3x3 convolution over an image of at most 2x2 pixels into another convolution
+(window trimmed to 2x2, batch and features swapped) that runs far below the speed of its
+arithmetic. A UNet meets it at its lowest level when it has many down blocks for its image size:
+train_unconditional's `ddpm` preset at 64 px has 14 such convolutions at 2x2 x 512, and at 32 px
+also a Downsample2D (stride 2) from 2x2 to 1x1. Its Upsample2D from 1x1 and 2x2 is the third
+layer measured: its convolution computed at the low resolution with the kernel folded (which saves
+work from 3x3 pixels up) against upsampling first. This measures milliseconds per call, forward
+and forward + backward (gradients of the input and the kernel), at the lowest levels' shapes and
+their neighbours, 3x3 kernels with padding 1, of each layer (`conv`: stride 1; `down`: stride 2;
+`up`: Upsample2D's convolution):
 
-* xla: `jax.lax.conv_general_dilated`, as nnx.Conv calls it (with flaxdiff's XLA flags);
-* im2col: `flaxdiff.ops.small_image_conv` (checked against xla's values first);
-* torch: `torch.nn.functional.conv2d` (oneDNN; NCHW as diffusers runs it).
+* xla: flaxdiff before this form: `conv`, `jax.lax.conv_general_dilated` as nnx.Conv calls it (with
+  flaxdiff's XLA flags); `down`, `ops._downsample_cpu` (XLA's strided convolution forward, the
+  space-to-depth form for the input's gradient); `up`, `ops.folded_upsample_conv`;
+* im2col: `conv` and `down`, `flaxdiff.ops.small_image_conv`; `up`, `ops.upsample_conv` (upsample,
+  then `small_image_conv` up to 2x2 pixels or XLA's convolution above), each checked against xla's values;
+* torch: `torch.nn.functional.conv2d` (oneDNN; NCHW as diffusers runs it), after
+  `torch.nn.functional.interpolate` for `up`.
 
     python benchmarks/small_image_conv.py          # ~2 minutes on 2 CPU cores
 
@@ -30,9 +38,13 @@ sys.path.insert(0, str(HERE.parent))
 
 from conv_kernel_gradient import timed  # noqa: E402
 
-# (batch, height, width, in channels, out channels), 3x3 kernels, padding 1
-SHAPES = [(16, 1, 1, 512, 512), (16, 2, 2, 512, 512), (16, 2, 2, 1024, 512), (16, 3, 3, 512, 512),
-          (16, 4, 4, 512, 512), (16, 2, 8, 512, 512), (64, 2, 2, 64, 64), (1, 2, 2, 512, 512)]
+# (batch, height, width, in channels, out channels, layer), 3x3 kernels, padding 1; the input's size
+SHAPES = [(16, 1, 1, 512, 512, "conv"), (16, 2, 2, 512, 512, "conv"), (16, 2, 2, 1024, 512, "conv"),
+          (16, 3, 3, 512, 512, "conv"), (16, 4, 4, 512, 512, "conv"), (16, 2, 8, 512, 512, "conv"),
+          (64, 2, 2, 64, 64, "conv"), (1, 2, 2, 512, 512, "conv"),
+          (16, 2, 2, 512, 512, "down"), (64, 2, 2, 64, 64, "down"), (16, 4, 4, 512, 512, "down"),
+          (16, 1, 1, 512, 512, "up"), (16, 2, 2, 512, 512, "up"), (64, 2, 2, 64, 64, "up"),
+          (16, 4, 4, 512, 512, "up")]
 
 
 def measure_jax(repeats: int) -> dict:
@@ -43,16 +55,17 @@ def measure_jax(repeats: int) -> dict:
 
     from flaxdiff import ops
 
-    def xla(x, w, b):
-        return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
-
-    def im2col(x, w, b):
-        return ops.small_image_conv(x, w, b, 1)
-
     results = {}
     for shape in SHAPES:
-        n, h, w_, c, d = shape
+        n, h, w_, c, d, layer = shape
+        xla = {"conv": lambda x, w, b: jax.lax.conv_general_dilated(
+                   x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")) + b,
+               "down": lambda x, w, b: ops._downsample_cpu(x, w, b, 1),
+               "up": ops.folded_upsample_conv}[layer]
+        im2col = {"conv": lambda x, w, b: ops.small_image_conv(x, w, b, 1),
+                  "down": lambda x, w, b: ops.small_image_conv(x, w, b, 1, (2, 2)),
+                  "up": ops.upsample_conv}[layer]
+
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((n, h, w_, c)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((3, 3, c, d)) * 0.05, jnp.float32)
@@ -74,16 +87,22 @@ def measure_torch(repeats: int) -> dict:
 
     results = {}
     for shape in SHAPES:
-        n, h, w_, c, d = shape
+        n, h, w_, c, d, layer = shape
         x = torch.randn(n, c, h, w_, requires_grad=True)
+        stride = 2 if layer == "down" else 1
+
+        def conv(x):
+            if layer == "up":
+                x = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+            return torch.nn.functional.conv2d(x, w, stride=stride, padding=1)
         w = (torch.randn(d, c, 3, 3) * 0.05).requires_grad_()
 
         def forward():
             with torch.no_grad():
-                return torch.nn.functional.conv2d(x, w, padding=1)
+                return conv(x)
 
         def both():
-            (torch.nn.functional.conv2d(x, w, padding=1) ** 2).sum().backward()
+            (conv(x) ** 2).sum().backward()
         results[str(shape)] = {"torch forward": timed(forward, repeats), "torch backward": timed(both, repeats)}
     return results
 
@@ -109,7 +128,7 @@ def main() -> int:
     Path(args.output).write_text(json.dumps({"machine": machine(), "unit": "ms per call", "rows": rows}, indent=1)
                                  + "\n")
     columns = [f"{side} {part}" for part in ("forward", "backward") for side in ("torch", "xla", "im2col")]
-    print("| (batch, height, width, in, out) | " + " | ".join(f"{c} ms" for c in columns) + " |")
+    print("| (batch, height, width, in, out, layer) | " + " | ".join(f"{c} ms" for c in columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
     for shape, row in rows.items():
         print(f"| {shape} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")

@@ -182,8 +182,27 @@ def _folded_kernel(kernel):
     return jnp.concatenate(phases, axis=-1)
 
 
+def folding_saves_work(height: int, width: int) -> bool:
+    """Whether the folded form does fewer multiply-adds than the textbook one over an input of
+    height x width pixels: (H+1)(W+1) positions x 4 taps x 4D outputs against 4HW x 9 taps x D. At
+    2x2 and below it does as many or more, and folding the kernel (4 times its size, on every call)
+    is then pure cost (benchmarks/small_image_conv.py)."""
+    return 4 * (height + 1) * (width + 1) < 9 * height * width
+
+
 def upsample_conv(x, kernel, bias):
-    """conv3x3(nearest_upsample_2x(x)) + bias (padding 1), computed at x's resolution; NHWC, HWIO."""
+    """conv3x3(nearest_upsample_2x(x)) + bias (padding 1), NHWC, HWIO: at x's resolution where that
+    does less work, else as written."""
+    if folding_saves_work(*x.shape[1:3]):
+        return folded_upsample_conv(x, kernel, bias)
+    upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if is_small_image_conv(upsampled.shape, kernel.shape[:2]):
+        return small_image_conv(upsampled, kernel, bias, 1)
+    return _conv(upsampled, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+
+
+def folded_upsample_conv(x, kernel, bias):
+    """upsample_conv computed at x's resolution with the folded kernel."""
     b, h, w, _ = x.shape
     d = kernel.shape[-1]
     folded = _folded_kernel(kernel.astype(jnp.float32)).astype(x.dtype)
@@ -199,11 +218,12 @@ def upsample_conv(x, kernel, bias):
 
 
 # --------------------------------------------------------------------------- conv over a tiny image
-# XLA:CPU compiles a 3x3 stride-1 convolution over an image of at most 2x2 pixels into a different
-# convolution (its window trimmed to 2x2, batch and features swapped) that runs 30-60x slower than
-# the same products written out, and its gradients as slowly; at 3x3 pixels and up, or 2 x N, it
-# runs at full speed (benchmarks/small_image_conv.py). Below that size the shifted views of the
-# padded input are tiny, so one product over all of them side by side (im2col) costs nothing.
+# XLA:CPU compiles a 3x3 convolution over an image of at most 2x2 pixels (stride 1, or Downsample2D's
+# stride 2 down to 1x1) into a different convolution (its window trimmed to 2x2, batch and features
+# swapped) that runs many times slower than the same products written out, and its gradients as
+# slowly; at 3x3 pixels and up, or 2 x N, it runs at full speed (benchmarks/small_image_conv.py).
+# Below that size the kernel's views of the padded input are tiny, so one product over all of them
+# side by side (im2col) costs nothing.
 SMALL_IMAGE_SIDE = 2
 
 
@@ -213,14 +233,21 @@ def is_small_image_conv(image_shape, kernel_size) -> bool:
     return use_cpu_kernels() and max(kernel_size) > 1 and max(height, width) <= SMALL_IMAGE_SIDE
 
 
-def small_image_conv(x, kernel, bias, padding: int):
-    """A stride-1 convolution (NHWC, HWIO, `padding` zeros on every side) + bias, as one product of
-    the kernel's shifted views of the padded input, side by side, with the flattened kernel."""
+def _pad_pairs(padding):
+    """An int (the same zeros on every side) or ((top, bottom), (left, right)), as nnx.Conv takes it."""
+    return ((padding, padding),) * 2 if isinstance(padding, int) else tuple(tuple(p) for p in padding)
+
+
+def small_image_conv(x, kernel, bias, padding, strides=(1, 1)):
+    """A convolution (NHWC, HWIO, `padding` zeros: an int or ((top, bottom), (left, right))) + bias,
+    as one product of the kernel's views of the padded input, side by side, with the flattened kernel."""
     kh, kw, c, d = kernel.shape
-    _, h, w, _ = x.shape
-    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    out_h, out_w = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
-    views = [padded[:, i:i + out_h, j:j + out_w, :] for i in range(kh) for j in range(kw)]
+    (top, bottom), (left, right) = _pad_pairs(padding)
+    sh, sw = strides
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out_h, out_w = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+    views = [padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+             for i in range(kh) for j in range(kw)]
     # (B, H, W, kh * kw * C) x (kh * kw * C, D): the row order (i, j, c) is the kernel's own
     return jnp.concatenate(views, axis=-1) @ kernel.astype(x.dtype).reshape(kh * kw * c, d) + bias.astype(x.dtype)
 
@@ -232,6 +259,8 @@ def downsample_conv(x, kernel, bias, padding: int):
     kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
     if not use_cpu_kernels():
         return _strided_conv(x, kernel, padding) + bias
+    if is_small_image_conv(x.shape, kernel.shape[:2]):  # down to 1x1 (a UNet's lowest level)
+        return small_image_conv(x, kernel, bias, ((padding, 1), (padding, 1)), (2, 2))
     return _downsample_cpu(x, _vary_like(kernel, x), _vary_like(bias, x), padding)
 
 

@@ -181,12 +181,13 @@ def linear(din: int, dout: int, rngs: nnx.Rngs, dtype) -> nnx.Linear:
 
 
 class Conv(nnx.Conv):
-    """nnx.Conv, except that on CPUs a stride-1 convolution over an image of at most 2x2 pixels is
-    computed by `ops.small_image_conv` (XLA:CPU's own form of it is 30-60x slower)."""
+    """nnx.Conv, except that on CPUs a convolution over an image of at most 2x2 pixels is computed
+    by `ops.small_image_conv` (XLA:CPU's own form of it is many times slower)."""
 
     def __call__(self, x):
-        if self.strides == (1, 1) and ops.is_small_image_conv(x.shape, self.kernel_size):
-            return ops.small_image_conv(x.astype(self.dtype), self.kernel[...], self.bias[...], self.padding[0][0])
+        if ops.is_small_image_conv(x.shape, self.kernel_size):
+            return ops.small_image_conv(x.astype(self.dtype), self.kernel[...], self.bias[...], self.padding,
+                                        self.strides)
         return super().__call__(x)
 
 

@@ -115,8 +115,11 @@ def test_custom_gradients_inside_shard_map(kernels):
         assert relative_error(sums[name], devices * want_grads[name]) < 1e-4, name
 
 
-@pytest.mark.parametrize("shape, out_channels", [((2, 4, 4, 8), 8), ((1, 3, 5, 6), 10), ((2, 1, 1, 4), 4)])
-def test_upsample_conv_is_conv_of_the_upsampled_input(shape, out_channels):
+# folded at 4x4 and 3x5; upsampled first at 2x2 and below (its convolution then at 4x4, or at 2x2
+# through ops.small_image_conv on the CPU path), and at 1 x N
+@pytest.mark.parametrize("shape, out_channels", [((2, 4, 4, 8), 8), ((1, 3, 5, 6), 10), ((2, 1, 1, 4), 4),
+                                                 ((2, 2, 2, 4), 6), ((1, 1, 8, 3), 4)])
+def test_upsample_conv_is_conv_of_the_upsampled_input(kernels, shape, out_channels):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], out_channels)) * 0.3, jnp.float32)
@@ -136,7 +139,8 @@ def test_upsample_conv_is_conv_of_the_upsampled_input(shape, out_channels):
 
 
 @pytest.mark.parametrize("padding", [0, 1])
-@pytest.mark.parametrize("shape", [(2, 8, 8, 6), (1, 6, 10, 4)])
+# 2x2 down to 1x1: ops.small_image_conv on the CPU path
+@pytest.mark.parametrize("shape", [(2, 8, 8, 6), (1, 6, 10, 4), (3, 2, 2, 6)])
 def test_downsample_conv_values_and_gradients(kernels, padding, shape):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -158,19 +162,23 @@ def test_downsample_conv_values_and_gradients(kernels, padding, shape):
         assert relative_error(g, r) < 2e-6, name
 
 
-@pytest.mark.parametrize("shape, kernel_size, padding", [((3, 2, 2, 6), 3, 1), ((2, 1, 1, 4), 3, 1),
-                                                         ((2, 1, 2, 5), 3, 1), ((2, 2, 2, 4), 1, 0)])
-def test_small_image_conv_values_and_gradients(shape, kernel_size, padding):
+@pytest.mark.parametrize("shape, kernel_size, padding, strides", [
+    ((3, 2, 2, 6), 3, 1, (1, 1)), ((2, 1, 1, 4), 3, 1, (1, 1)), ((2, 1, 2, 5), 3, 1, (1, 1)),
+    ((2, 2, 2, 4), 1, 0, (1, 1)),
+    # Downsample2D from 2x2 to 1x1: diffusers' padding 1, and padding 0 after one zero row and column
+    ((3, 2, 2, 6), 3, 1, (2, 2)), ((2, 2, 2, 4), 3, ((0, 1), (0, 1)), (2, 2)), ((2, 1, 2, 5), 3, 1, (2, 2)),
+    # a stride that leaves more than one output pixel, and unequal sides
+    ((2, 2, 2, 3), 2, ((1, 2), (0, 1)), (1, 2))])
+def test_small_image_conv_values_and_gradients(shape, kernel_size, padding, strides):
     """The im2col form against the convolution, both in float64, and in float32 against that."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal(shape)
     w = rng.standard_normal((kernel_size, kernel_size, shape[-1], 5)) * 0.3
     b = rng.standard_normal(5)
-    pads = ((padding, padding), (padding, padding))
-    reference = lambda x, w, b: _conv(x, w, padding=pads) + b
-    ours = lambda x, w, b: ops.small_image_conv(x, w, b, padding)
-    weights = rng.standard_normal((shape[0], shape[1] + 2 * padding - kernel_size + 1,
-                                   shape[2] + 2 * padding - kernel_size + 1, 5))
+    pads = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
+    reference = lambda x, w, b: _conv(x, w, strides, pads) + b
+    ours = lambda x, w, b: ops.small_image_conv(x, w, b, padding, strides)
+    weights = rng.standard_normal(jax.eval_shape(reference, x, w, b).shape)
     loss = lambda f, *a: jnp.sum(f(*a) * weights)
     with enable_x64():
         args64 = [jnp.asarray(a, jnp.float64) for a in (x, w, b)]
@@ -196,10 +204,11 @@ def test_small_image_conv_is_used_below_3x3_pixels_on_cpus(kernels, image, expec
     from flaxdiff.unet import conv
     assert ops.is_small_image_conv(image, (3, 3)) == (expected and kernels)
     assert not ops.is_small_image_conv(image, (1, 1))
-    layer = conv(8, 6, 3, nnx.Rngs(0), jnp.float32)
     x = jnp.asarray(np.random.default_rng(8).standard_normal(image), jnp.float32)
-    want = nnx.Conv.__call__(layer, x)
-    assert relative_error(layer(x), want) < 2e-6
+    for stride in (1, 2):
+        layer = conv(8, 6, 3, nnx.Rngs(0), jnp.float32, stride=stride)
+        want = nnx.Conv.__call__(layer, x)
+        assert relative_error(layer(x), want) < 2e-6, stride
 
 
 @pytest.fixture(params=["plain", "cpu-whole", "cpu-in-chunks"])
