@@ -24,10 +24,12 @@ CIFAR10 = dict(sample_size=32, block_out_channels=(64, 128, 128, 128), layers_pe
 TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
             attention_head_dim=16, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
             up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-# a lowest level of 2x2 pixels, as train_unconditional's ddpm preset has at 64 px (ops.small_image_conv)
-DEEP = dict(sample_size=16, block_out_channels=(16, 32, 32, 64), layers_per_block=1, norm_num_groups=8,
-            attention_head_dim=8, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+# levels of 2x2 and 1x1 pixels, as train_unconditional's ddpm preset has at 64 and 32 px
+# (ops.small_image_conv, Downsample2D to 1x1, Upsample2D from 1x1 and 2x2)
+DEEP = dict(sample_size=16, block_out_channels=(16, 32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+            attention_head_dim=8,
+            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
 CONFIGS = {"course": COURSE, "scale_shift": SCALE_SHIFT, "mnist": MNIST, "cifar10": CIFAR10, "deep": DEEP}
 
 
