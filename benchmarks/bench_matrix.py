@@ -54,6 +54,8 @@ CELLS = {
     "course": dict(widths=(64, 128, 128, 256), attention_at=(8, 4), groups=32),
     "course_batch_16": dict(widths=(64, 128, 128, 256), attention_at=(8, 4), groups=32, batch=16),
     "ddpm_64px": dict(widths=DDPM_WIDTHS, attention_at=(4,), groups=32, resolution=64, batch=16),
+    # the same preset at 32 px (train_unconditional --resolution 32): its lowest level is 1x1
+    "ddpm_32px": dict(widths=DDPM_WIDTHS, attention_at=(2,), groups=32, resolution=32, batch=16),
 }
 
 
