@@ -191,9 +191,9 @@ def folding_saves_work(height: int, width: int) -> bool:
 
 
 def upsample_conv(x, kernel, bias):
-    """conv3x3(nearest_upsample_2x(x)) + bias (padding 1), NHWC, HWIO: at x's resolution where that
-    does less work, else as written."""
-    if folding_saves_work(*x.shape[1:3]):
+    """conv3x3(nearest_upsample_2x(x)) + bias (padding 1), NHWC, HWIO: at x's resolution; on CPUs
+    only where that does less work, else as written (accelerators: not measured there)."""
+    if not use_cpu_kernels() or folding_saves_work(*x.shape[1:3]):
         return folded_upsample_conv(x, kernel, bias)
     upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     if is_small_image_conv(upsampled.shape, kernel.shape[:2]):

@@ -259,13 +259,15 @@ def test_unet_gradients_with_explicit_sharding(attention_path):
     from jax.sharding import AxisType, NamedSharding
 
     from flaxdiff.unet import UNet2D, UNet2DConfig
+    # levels of 4x4, 2x2 and 1x1: on the CPU path ops.small_image_conv at 2x2 and 1x1, Downsample2D
+    # to 1x1 through it, Upsample2D from 1x1 and 2x2 upsampled first
     config = UNet2DConfig(sample_size=4, in_channels=3, out_channels=3, layers_per_block=1,
-                          block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4,
-                          down_block_types=("AttnDownBlock2D", "DownBlock2D"),
-                          up_block_types=("UpBlock2D", "AttnUpBlock2D"), downsample_padding=padding)
+                          block_out_channels=(8, 16, 16), norm_num_groups=4, attention_head_dim=4,
+                          down_block_types=("AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D"), downsample_padding=padding)
     unet = UNet2D(config, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((8, 4, 4, 3)).astype(np.float32)  # its lower block at 2x2 (ops.small_image_conv)
+    x = rng.standard_normal((8, 4, 4, 3)).astype(np.float32)
     t = rng.integers(0, 1000, 8).astype(np.int32)
 
     def loss_and_grads(unet, x, t):
