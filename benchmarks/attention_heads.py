@@ -18,9 +18,6 @@ Results: benchmarks/results/attention_heads.json and a markdown table on stdout.
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from conv_kernel_gradient import timed  # noqa: E402
+from conv_kernel_gradient import timed, torch_against_jax  # noqa: E402
 
 # (batch, height = width, channels, head_dim, norm groups): the matrix cells' attention layers
 SHAPES = [(64, 16, 64, 8, 8), (64, 16, 64, 32, 8), (64, 16, 64, 64, 8), (64, 8, 64, 8, 8),
@@ -104,32 +101,10 @@ def measure_torch(repeats: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="calls per timed round (default: 5)")
-    parser.add_argument("--output", default=str(HERE / "results" / "attention_heads.json"),
-                        help="results file (default: benchmarks/results/attention_heads.json)")
-    parser.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps((measure_torch if args.worker == "torch" else measure_jax)(args.repeats)))
-        return 0
-    parts = []
-    for side in ("torch", "jax"):  # one process each, so neither library's threads run beside the other's
-        out = subprocess.run([sys.executable, __file__, "--worker", side, "--repeats", str(args.repeats)],
-                             check=True, capture_output=True, text=True).stdout
-        parts.append(json.loads(out.strip().splitlines()[-1]))
-    rows = {shape: {**parts[0][shape], **parts[1][shape]} for shape in parts[0]}
-    from bench_speed import machine
-
-    Path(args.output).write_text(json.dumps({"machine": machine(), "unit": "ms per call", "rows": rows}, indent=1)
-                                 + "\n")
     columns = [f"{side} {part} {stage}" for part in ("attention", "block") for stage in ("forward", "backward")
                for side in ("torch", "flaxdiff")]
-    print("| (batch, size, channels, head_dim, groups) | " + " | ".join(f"{c} ms" for c in columns) + " |")
-    print("| --- |" + " ---: |" * len(columns))
-    for shape, row in rows.items():
-        print(f"| {shape} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")
-    return 0
+    return torch_against_jax(__file__, __doc__, measure_torch, measure_jax,
+                             "(batch, size, channels, head_dim, groups)", columns)
 
 
 if __name__ == "__main__":

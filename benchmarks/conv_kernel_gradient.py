@@ -121,13 +121,48 @@ def measure_torch(repeats: int) -> dict:
     return results
 
 
-def in_subprocess(side: str, repeats: int, xla_flags: str | None = None) -> dict:
+def in_subprocess(side: str, repeats: int, xla_flags: str | None = None, script: str = __file__) -> dict:
+    """`script --worker side`'s results (its last stdout line, JSON), in a process of its own, so
+    neither library's threads run beside the other's."""
     env = dict(os.environ)
     if xla_flags:
         env["XLA_FLAGS"] = xla_flags
-    out = subprocess.run([sys.executable, __file__, "--worker", side, "--repeats", str(repeats)], env=env,
+    out = subprocess.run([sys.executable, script, "--worker", side, "--repeats", str(repeats)], env=env,
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def write_rows(output: str, parts: list[dict]) -> dict:
+    """The workers' results merged per shape, written to `output` with the machine; returns the rows."""
+    from bench_speed import machine
+
+    rows = {shape: {k: v for part in parts for k, v in part[shape].items()} for shape in parts[0]}
+    Path(output).write_text(json.dumps({"machine": machine(), "unit": "ms per call", "rows": rows}, indent=1)
+                            + "\n")
+    return rows
+
+
+def torch_against_jax(script: str, doc: str, measure_torch, measure_jax, shape_header: str,
+                      columns: list[str]) -> int:
+    """The main() of a benchmark whose two workers, measure_torch(repeats) and measure_jax(repeats),
+    each time every shape: runs them one process each, writes benchmarks/results/<script>.json and
+    prints a markdown table of `columns` (milliseconds per call)."""
+    name = Path(script).stem
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="calls per timed round (default: 5)")
+    parser.add_argument("--output", default=str(HERE / "results" / f"{name}.json"),
+                        help=f"results file (default: benchmarks/results/{name}.json)")
+    parser.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps((measure_torch if args.worker == "torch" else measure_jax)(args.repeats)))
+        return 0
+    rows = write_rows(args.output, [in_subprocess(side, args.repeats, script=script) for side in ("torch", "jax")])
+    print(f"| {shape_header} | " + " | ".join(f"{c} ms" for c in columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    for shape, row in rows.items():
+        print(f"| {shape} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")
+    return 0
 
 
 def main() -> int:
@@ -142,13 +177,8 @@ def main() -> int:
                    measure_jax(["ynn_conv"] if args.worker == "ynn_conv" else ["xla", "im2col", "taps"], args.repeats))
         print(json.dumps(results))
         return 0
-    parts = [in_subprocess("torch", args.repeats), in_subprocess("jax", args.repeats),
-             in_subprocess("ynn_conv", args.repeats, YNN_CONVOLUTION)]
-    rows = {shape: {k: v for part in parts for k, v in part[shape].items()} for shape in parts[0]}
-    from bench_speed import machine
-
-    Path(args.output).write_text(json.dumps({"machine": machine(), "unit": "ms per call", "rows": rows}, indent=1)
-                                 + "\n")
+    rows = write_rows(args.output, [in_subprocess("torch", args.repeats), in_subprocess("jax", args.repeats),
+                                    in_subprocess("ynn_conv", args.repeats, YNN_CONVOLUTION)])
     columns = ["torch", "xla", "im2col", "taps", "ynn_conv"]
     print("| (batch, size, in, out) | " + " | ".join(f"{c} ms" for c in columns) + " | xla / torch |")
     print("| --- |" + " ---: |" * (len(columns) + 1))

@@ -26,9 +26,6 @@ Results: benchmarks/results/small_image_conv.json and a markdown table on stdout
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from conv_kernel_gradient import timed  # noqa: E402
+from conv_kernel_gradient import timed, torch_against_jax  # noqa: E402
 
 # (batch, height, width, in channels, out channels, layer), 3x3 kernels, padding 1; the input's size
 SHAPES = [(16, 1, 1, 512, 512, "conv"), (16, 2, 2, 512, 512, "conv"), (16, 2, 2, 1024, 512, "conv"),
@@ -108,31 +105,9 @@ def measure_torch(repeats: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="calls per timed round (default: 5)")
-    parser.add_argument("--output", default=str(HERE / "results" / "small_image_conv.json"),
-                        help="results file (default: benchmarks/results/small_image_conv.json)")
-    parser.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps((measure_torch if args.worker == "torch" else measure_jax)(args.repeats)))
-        return 0
-    parts = []
-    for side in ("torch", "jax"):  # one process each, so neither library's threads run beside the other's
-        out = subprocess.run([sys.executable, __file__, "--worker", side, "--repeats", str(args.repeats)],
-                             check=True, capture_output=True, text=True).stdout
-        parts.append(json.loads(out.strip().splitlines()[-1]))
-    rows = {shape: {**parts[0][shape], **parts[1][shape]} for shape in parts[0]}
-    from bench_speed import machine
-
-    Path(args.output).write_text(json.dumps({"machine": machine(), "unit": "ms per call", "rows": rows}, indent=1)
-                                 + "\n")
     columns = [f"{side} {part}" for part in ("forward", "backward") for side in ("torch", "xla", "im2col")]
-    print("| (batch, height, width, in, out, layer) | " + " | ".join(f"{c} ms" for c in columns) + " |")
-    print("| --- |" + " ---: |" * len(columns))
-    for shape, row in rows.items():
-        print(f"| {shape} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")
-    return 0
+    return torch_against_jax(__file__, __doc__, measure_torch, measure_jax,
+                             "(batch, height, width, in, out, layer)", columns)
 
 
 if __name__ == "__main__":
